@@ -1,0 +1,66 @@
+"""The scene catalog contract: a CSV with scene_id,image,labels[,split][,bands]."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.errors import bad_file
+
+REQUIRED = ("scene_id", "image", "labels")
+OPTIONAL = ("split", "bands")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    """One scene as the catalog names it; paths are resolved against the CSV's folder."""
+
+    scene_id: str
+    image: Path
+    labels: Path
+    split: str | None
+    bands: str | None
+
+
+def read_catalog(path: Path | str) -> list[CatalogRow]:
+    """Read and check the catalog CSV; any problem is one error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise bad_file(path, "catalog not found")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED if c not in columns]
+        if missing:
+            raise bad_file(path, f"catalog lacks column(s) {', '.join(missing)} (needs {','.join(REQUIRED)})")
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    if not rows:
+        raise bad_file(path, "catalog lists no scenes")
+    base = path.parent
+    seen: set[str] = set()
+    out: list[CatalogRow] = []
+    for line, row in enumerate(rows, start=2):
+        scene_id = row["scene_id"]
+        if not scene_id or not all(ch.isalnum() or ch in "-_." for ch in scene_id):
+            raise bad_file(path, f"line {line}: scene_id {scene_id!r} must be non-empty [A-Za-z0-9._-]")
+        if scene_id in seen:
+            raise bad_file(path, f"line {line}: duplicate scene_id {scene_id!r}")
+        seen.add(scene_id)
+        split = row.get("split") or None
+        if split is not None and split not in SPLITS:
+            raise bad_file(path, f"line {line}: split {split!r} must be one of {', '.join(SPLITS)}")
+        for column in ("image", "labels"):
+            if not row[column]:
+                raise bad_file(path, f"line {line}: scene {scene_id!r} has no {column}")
+        out.append(
+            CatalogRow(
+                scene_id=scene_id,
+                image=base / row["image"],
+                labels=base / row["labels"],
+                split=split,
+                bands=row.get("bands") or None,
+            )
+        )
+    return out

@@ -1,0 +1,127 @@
+"""The ``tilepipe`` command: one subcommand per stage; dvc.yaml and the flows call the same code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from stages.errors import TilepipeError
+from stages.params import Params, load_params
+
+COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], object]]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register a subcommand handler ``fn(params, args)``."""
+
+    def register(fn):
+        COMMANDS[name] = (help_text, fn)
+        return fn
+
+    return register
+
+
+def _path_args(sub: argparse.ArgumentParser, **paths: str) -> None:
+    for name, default in paths.items():
+        sub.add_argument(
+            f"--{name.replace('_', '-')}", type=Path, default=Path(default), help=f"(default: {default})"
+        )
+
+
+@command("synthesize", "write the built-in synthetic scene collection and its catalog")
+def _synthesize(params: Params, args: argparse.Namespace) -> None:
+    from stages.synthesize import synthesize
+
+    synthesize(params.synthesize, params.data, args.out)
+
+
+@command("ingest", "validate the catalog's scenes and record per-scene metadata")
+def _ingest(params: Params, args: argparse.Namespace) -> None:
+    from stages.ingest import ingest
+
+    ingest(params, args.catalog or params.data.catalog, args.out)
+
+
+@command("tile", "cut scenes into tiles with windowed reads (incremental)")
+def _tile(params: Params, args: argparse.Namespace) -> None:
+    from stages.tile import tile
+
+    tile(params, args.scenes, args.out)
+
+
+@command("split", "assign whole scenes to train / val / test")
+def _split(params: Params, args: argparse.Namespace) -> None:
+    from stages.split import split
+
+    split(params, args.scenes, args.tiles, args.out)
+
+
+@command("report", "print a summary of the pipeline's outputs")
+def _report(params: Params, args: argparse.Namespace) -> None:
+    from stages.split import print_summary
+
+    if not args.split.is_file():
+        raise TilepipeError(f"{args.split}: not found; run `dvc repro` first")
+    print_summary(json.loads(args.split.read_text()), params.data.class_names)
+    if args.metrics.is_file():
+        metrics = json.loads(args.metrics.read_text())
+        print(
+            "test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="tilepipe", description=__doc__)
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, _) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
+        )
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a param, e.g. --set tile.size=128 (repeatable; the syntax of dvc exp run -S)",
+        )
+        PATHS.get(name, lambda s: None)(sub)
+    return parser
+
+
+PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "synthesize": lambda s: _path_args(s, out="data/synthetic"),
+    "ingest": lambda s: (
+        s.add_argument("--catalog", type=Path, default=None, help="(default: data.catalog in params)"),
+        _path_args(s, out="data/ingest/scenes.json"),
+    ),
+    "tile": lambda s: _path_args(s, scenes="data/ingest/scenes.json", out="data/tiles"),
+    "split": lambda s: _path_args(
+        s, scenes="data/ingest/scenes.json", tiles="data/tiles", out="data/split/split.json"
+    ),
+    "report": lambda s: _path_args(s, split="data/split/split.json", metrics="metrics/metrics.json"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tilepipe`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params, args.overrides)
+        COMMANDS[args.command][1](params, args)
+    except TilepipeError as exc:
+        print(f"tilepipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tilepipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Ingest stage: validate every scene of the catalog and record its metadata."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.errors import RasterioError
+
+from stages.catalog import CatalogRow, read_catalog
+from stages.errors import TilepipeError, bad_file
+from stages.fsutil import file_sha256, relative_to_cwd, write_json
+from stages.labels import is_geojson, label_bounds_in
+from stages.params import Params
+from stages.raster_io import (
+    band_names,
+    check_georeferenced,
+    gdal_env,
+    ground_resolution,
+    open_raster,
+    parse_band_mapping,
+    resolve_bands,
+)
+
+MAX_PIXELS = 10**12  # beyond this a header is taken to lie about the size
+PREVIEW_PX = 512  # nodata is estimated on a decimated read of at most this many px a side
+
+
+def _nodata_fraction(src) -> float:
+    scale = max(src.width, src.height) / PREVIEW_PX
+    shape = (max(1, round(src.height / max(scale, 1))), max(1, round(src.width / max(scale, 1))))
+    valid = src.dataset_mask(out_shape=shape) > 0
+    if np.issubdtype(np.dtype(src.dtypes[0]), np.floating):
+        preview = src.read(out_shape=(src.count, *shape))
+        valid &= np.all(np.isfinite(preview), axis=0)
+    return float(1.0 - valid.mean())
+
+
+def inspect_scene(row: CatalogRow, params: Params) -> dict[str, Any]:
+    """Validate one scene and its labels; return its metadata record or raise a one-line error."""
+    if not row.labels.exists():
+        raise bad_file(row.labels, "label file not found")
+    with open_raster(row.image) as src:
+        check_georeferenced(src)
+        if src.width * src.height > MAX_PIXELS or src.width <= 0 or src.height <= 0:
+            raise bad_file(row.image, f"header claims an absurd size {src.width} x {src.height}")
+        dtype = src.dtypes[0]
+        if dtype not in params.bands.scale:
+            raise bad_file(
+                row.image, f"dtype {dtype} is not supported (supported: {', '.join(params.bands.scale)})"
+            )
+        mapping = parse_band_mapping(row.bands, row.image)
+        indexes = resolve_bands(src, mapping, params.bands.input)
+        try:
+            nodata_fraction = _nodata_fraction(src)
+        except RasterioError as exc:
+            raise bad_file(row.image, f"cannot read pixels ({str(exc).splitlines()[0]})") from None
+        if nodata_fraction >= 1.0:
+            raise bad_file(row.image, "every pixel is nodata (or NaN): nothing to learn from")
+        left, bottom, right, top = label_bounds_in(row.labels, params.data, src.crs)
+        img = src.bounds
+        if left >= img.right or right <= img.left or bottom >= img.top or top <= img.bottom:
+            raise bad_file(row.labels, f"labels do not overlap their image {row.image.name}")
+        return {
+            "scene_id": row.scene_id,
+            "image": relative_to_cwd(row.image),
+            "labels": relative_to_cwd(row.labels),
+            "labels_kind": "geojson" if is_geojson(row.labels) else "raster",
+            "split": row.split,
+            "bands": band_names(src, mapping),
+            "input_bands": dict(zip(params.bands.input, indexes, strict=True)),
+            "width": src.width,
+            "height": src.height,
+            "count": src.count,
+            "crs": src.crs.to_string(),
+            "transform": list(src.transform)[:6],
+            "bounds": list(src.bounds),
+            "res": list(src.res),
+            "gsd_m": round(ground_resolution(src), 4),
+            "dtype": dtype,
+            "nodata": None if src.nodata is None or np.isnan(src.nodata) else src.nodata,
+            "nodata_fraction": round(nodata_fraction, 4),
+            "image_sha256": file_sha256(row.image),
+            "labels_sha256": file_sha256(row.labels),
+        }
+
+
+def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
+    """Validate the catalog's scenes and write the normalised catalog (JSON) to ``out``."""
+    rows = read_catalog(catalog)
+    scenes, skipped = [], []
+    with gdal_env(params.tile.gdal_cache_mb):
+        for row in rows:
+            try:
+                scenes.append(inspect_scene(row, params))
+            except (TilepipeError, RasterioError) as exc:
+                message = str(exc) if isinstance(exc, TilepipeError) else f"{row.image}: {exc}"
+                if params.ingest.on_error == "fail":
+                    raise TilepipeError(message) from None
+                print(f"warning: skipping scene {row.scene_id}: {message}", file=sys.stderr)
+                skipped.append({"scene_id": row.scene_id, "error": message})
+                continue
+            s = scenes[-1]
+            print(
+                f"ingest {s['scene_id']}: {s['width']}x{s['height']} {s['dtype']} {s['crs']} "
+                f"{s['gsd_m']:g} m, nodata {s['nodata_fraction']:.0%}, labels {s['labels_kind']}"
+            )
+    if not scenes:
+        raise TilepipeError(f"{catalog}: no valid scene left after ingest")
+    result = {"catalog": relative_to_cwd(catalog), "scenes": scenes, "skipped": skipped}
+    write_json(out, result)
+    return result

@@ -1,0 +1,217 @@
+"""The one config: ``params.yaml`` validated by one pydantic model, with ``--set KEY=VALUE``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.errors import TilepipeError
+
+DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassDef(Section):
+    """One land-cover class: its name and its value in label rasters."""
+
+    name: str = Field(min_length=1)
+    value: int = Field(ge=0, le=254)
+
+
+class DataParams(Section):
+    """Where the scene catalog lives and which classes its labels hold."""
+
+    catalog: Path
+    imagery: Path
+    classes: list[ClassDef] = Field(min_length=2)
+    background: str = "ignore"
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> DataParams:
+        names = [c.name for c in self.classes]
+        values = [c.value for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be unique")
+        if len(set(values)) != len(values):
+            raise ValueError("class values must be unique")
+        if self.background != "ignore" and self.background not in names:
+            raise ValueError(f"background must be 'ignore' or one of {names}")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order (the model's output order)."""
+        return [c.name for c in self.classes]
+
+
+class BandParams(Section):
+    """Which named bands feed the model and how each dtype's range maps to [0, 1]."""
+
+    input: list[str] = Field(min_length=1)
+    scale: dict[Literal[DTYPES], tuple[float, float]]  # type: ignore[valid-type]
+
+    @field_validator("input")
+    @classmethod
+    def _lower_unique(cls, names: list[str]) -> list[str]:
+        lowered = [n.strip().lower() for n in names]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("band names must be unique")
+        return lowered
+
+    @field_validator("scale")
+    @classmethod
+    def _ranges(cls, scale: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for dtype, (low, high) in scale.items():
+            if not high > low:
+                raise ValueError(f"{dtype}: range [low, high] needs high > low")
+        return scale
+
+
+class SynthesizeParams(Section):
+    """Size and seed of the built-in synthetic scene collection."""
+
+    scenes: int = Field(ge=3, le=200)
+    min_size: int = Field(ge=64)
+    max_size: int = Field(ge=64)
+    seed: int
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SynthesizeParams:
+        if self.max_size < self.min_size:
+            raise ValueError("max_size must be >= min_size")
+        return self
+
+
+class IngestParams(Section):
+    """What to do with a scene that fails validation."""
+
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+class TileParams(Section):
+    """Tile geometry, filtering, output sharding and parallelism."""
+
+    size: int = Field(gt=0, le=4096)
+    stride: int = Field(gt=0, le=4096)
+    gsd: float | None = Field(default=None, gt=0)
+    max_nodata: float = Field(ge=0, le=1)
+    workers: int = Field(ge=1, le=64)
+    shard_mb: int = Field(ge=1, le=4096)
+    gdal_cache_mb: int = Field(ge=8, le=4096)
+
+
+class SplitParams(Section):
+    """How whole scenes (or, opted in, spatial blocks of one scene) go to train/val/test."""
+
+    ratios: dict[Literal["train", "val", "test"], float]
+    spatial_blocks: bool = False
+    block_tiles: int = Field(default=8, ge=1)
+    buffer_tiles: int = Field(default=1, ge=0)
+
+    @field_validator("ratios")
+    @classmethod
+    def _sum_to_one(cls, ratios: dict[str, float]) -> dict[str, float]:
+        if set(ratios) != {"train", "val", "test"}:
+            raise ValueError("needs train, val and test")
+        if any(r < 0 for r in ratios.values()) or abs(sum(ratios.values()) - 1) > 1e-6:
+            raise ValueError(f"ratios must be >= 0 and sum to 1, got {sum(ratios.values()):g}")
+        return ratios
+
+
+class Params(Section):
+    """The whole of ``params.yaml``."""
+
+    seed: int = 0
+    data: DataParams
+    bands: BandParams
+    synthesize: SynthesizeParams
+    ingest: IngestParams
+    tile: TileParams
+    split: SplitParams
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value`` (the syntax of ``dvc exp run -S``) into a key path and a YAML value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise TilepipeError(f"--set {text!r}: expected KEY=VALUE, e.g. tile.size=128")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise TilepipeError(f"--set {key}: value is not valid YAML ({exc.problem})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``KEY=VALUE`` override set."""
+    result = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def validate(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params dict; the error names every bad key and says what is wrong."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{key}: {msg}")
+        raise TilepipeError(f"{source}: " + "; ".join(problems)) from None
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """Read a params YAML file as a dict (safe loader), or fail naming the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TilepipeError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise TilepipeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise TilepipeError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load, override and validate ``params.yaml``."""
+    raw = apply_overrides(read_raw(Path(path)), overrides or [])
+    return validate(raw, source=str(path))
+
+
+def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten params to ``section.key -> str`` for experiment trackers."""
+    data = params.model_dump(mode="json") if isinstance(params, BaseModel) else params
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,214 @@
+"""Raster I/O shared by the stages: GDAL settings, band lookup by name, scaling, aligned grids."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform, transform_bounds
+from rasterio.windows import Window
+
+from stages.errors import TilepipeError, bad_file
+
+METRES_PER_DEGREE = 111_320.0
+
+
+@contextmanager
+def gdal_env(cache_mb: int = 64) -> Iterator[None]:
+    """GDAL settings for one process: a capped block cache (the default takes 5% of RAM)."""
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        yield
+
+
+def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
+    """Open a raster or fail with one line naming the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise bad_file(path, "file not found")
+    if path.stat().st_size == 0:
+        raise bad_file(path, "file is empty")
+    try:
+        return rasterio.open(path)
+    except RasterioError as exc:
+        reason = str(exc).split("\n")[0]
+        raise bad_file(path, f"not a readable raster ({reason})") from None
+
+
+def parse_band_mapping(text: str | None, path: Path | str) -> dict[str, int]:
+    """Parse a catalog band mapping such as ``red=3;green=2;blue=1``."""
+    if not text or not str(text).strip():
+        return {}
+    mapping: dict[str, int] = {}
+    for part in str(text).split(";"):
+        name, sep, index = part.partition("=")
+        if not sep or not index.strip().isdigit() or not name.strip():
+            raise bad_file(path, f"bad band mapping {text!r}: expected e.g. red=3;green=2;blue=1")
+        mapping[name.strip().lower()] = int(index)
+    return mapping
+
+
+def band_names(src: rasterio.io.DatasetReader, mapping: dict[str, int]) -> dict[str, int]:
+    """Name -> 1-based band index, from the catalog mapping or else the band descriptions."""
+    if mapping:
+        for name, index in mapping.items():
+            if not 1 <= index <= src.count:
+                raise bad_file(src.name, f"band mapping {name}={index} but file has {src.count} band(s)")
+        return dict(mapping)
+    named = {d.strip().lower(): i + 1 for i, d in enumerate(src.descriptions) if d and d.strip()}
+    return named
+
+
+def resolve_bands(src: rasterio.io.DatasetReader, mapping: dict[str, int], wanted: list[str]) -> list[int]:
+    """Band indexes for the wanted band names, or a clear error saying which band is missing."""
+    names = band_names(src, mapping)
+    if not names:
+        raise bad_file(
+            src.name,
+            "bands carry no names (no band descriptions) and the catalog gives no `bands` mapping, "
+            "e.g. red=3;green=2;blue=1",
+        )
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise bad_file(src.name, f"lacks band(s) {', '.join(missing)} (has {', '.join(names)})")
+    return [names[w] for w in wanted]
+
+
+def scale_to_unit(data: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:
+    """Map a dtype's range linearly onto [0, 1] (clipped), as float32."""
+    low, high = scale[dtype]
+    out = data.astype(np.float32, copy=False)
+    out = (out - np.float32(low)) * np.float32(1.0 / (high - low))
+    np.clip(out, 0.0, 1.0, out=out)
+    return np.nan_to_num(out, copy=False, nan=0.0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A pixel grid: CRS, affine transform and size. Tiles are cut on it."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    def window_transform(self, window: Window) -> Affine:
+        """Affine transform of a window of this grid (windows may extend past the edge)."""
+        return rasterio.windows.transform(window, self.transform)
+
+    def window_bounds(self, window: Window) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) of a window in the grid's CRS."""
+        return rasterio.windows.bounds(window, self.transform)
+
+
+def ground_resolution(src: rasterio.io.DatasetReader) -> float:
+    """Approximate ground sample distance in metres (degrees converted at the scene's latitude)."""
+    res = (abs(src.transform.a) + abs(src.transform.e)) / 2
+    if src.crs is not None and src.crs.is_geographic:
+        lat = (src.bounds.top + src.bounds.bottom) / 2
+        return res * METRES_PER_DEGREE * math.sqrt(max(math.cos(math.radians(lat)), 1e-6))
+    return res * (src.crs.linear_units_factor[1] if src.crs is not None else 1.0)
+
+
+def utm_crs_for(src: rasterio.io.DatasetReader) -> CRS:
+    """The UTM zone CRS containing a scene's centre."""
+    left, bottom, right, top = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    lon, lat = (left + right) / 2, (bottom + top) / 2
+    zone = int((lon + 180) // 6) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+def target_grid(src: rasterio.io.DatasetReader, gsd: float | None) -> Grid:
+    """The grid tiles are cut on: the scene's own, or resampled to ``gsd`` metres.
+
+    Geographic scenes are warped to their UTM zone when a ground resolution is asked for,
+    since a metre-sized pixel has no fixed size in degrees.
+    """
+    if gsd is None:
+        return Grid(src.crs, src.transform, src.width, src.height)
+    dst_crs = utm_crs_for(src) if src.crs.is_geographic else src.crs
+    res = gsd / (dst_crs.linear_units_factor[1] if not dst_crs.is_geographic else 1.0)
+    transform, width, height = calculate_default_transform(
+        src.crs, dst_crs, src.width, src.height, *src.bounds, resolution=res
+    )
+    return Grid(dst_crs, transform, int(width), int(height))
+
+
+def is_native(src: rasterio.io.DatasetReader, grid: Grid) -> bool:
+    """True when ``grid`` is the dataset's own grid (no warping needed)."""
+    return (
+        src.crs == grid.crs
+        and src.width == grid.width
+        and src.height == grid.height
+        and src.transform.almost_equals(grid.transform, precision=1e-9)
+    )
+
+
+def aligned(src: rasterio.io.DatasetReader, grid: Grid, resampling: Resampling):
+    """A dataset whose pixels sit on ``grid``: ``src`` itself or a warped VRT of it."""
+    if is_native(src, grid):
+        return src
+    options = {"add_alpha": True} if src.nodata is None else {"nodata": src.nodata}
+    return WarpedVRT(
+        src,
+        crs=grid.crs,
+        transform=grid.transform,
+        width=grid.width,
+        height=grid.height,
+        resampling=resampling,
+        **options,
+    )
+
+
+def read_padded(src, window: Window, indexes: list[int], fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``window`` (which may extend past the raster) as (data, valid mask).
+
+    Pixels outside the raster, nodata pixels and non-finite values are marked invalid.
+    """
+    rows, cols = int(window.height), int(window.width)
+    data = np.full((len(indexes), rows, cols), fill, dtype=src.dtypes[indexes[0] - 1])
+    valid = np.zeros((rows, cols), dtype=bool)
+    inner = window.intersection(Window(0, 0, src.width, src.height)) if _overlaps(src, window) else None
+    if inner is None:
+        return data, valid
+    r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+    h, w = int(inner.height), int(inner.width)
+    block = src.read(indexes, window=inner)
+    masks = src.read_masks(indexes, window=inner)
+    ok = np.all(masks > 0, axis=0)
+    if np.issubdtype(block.dtype, np.floating):
+        ok &= np.all(np.isfinite(block), axis=0)
+    data[:, r0 : r0 + h, c0 : c0 + w] = block
+    valid[r0 : r0 + h, c0 : c0 + w] = ok
+    return data, valid
+
+
+def _overlaps(src, window: Window) -> bool:
+    return (
+        window.col_off < src.width
+        and window.row_off < src.height
+        and window.col_off + window.width > 0
+        and window.row_off + window.height > 0
+    )
+
+
+def check_georeferenced(src: rasterio.io.DatasetReader) -> None:
+    """Fail unless the raster has a CRS and a geotransform."""
+    if src.crs is None:
+        raise bad_file(src.name, "has no CRS (coordinate reference system)")
+    if src.transform.is_identity or src.transform == Affine(1, 0, 0, 0, 1, 0):
+        raise bad_file(src.name, "has no geotransform (pixel-to-map coordinates)")
+
+
+def describe_error(exc: Exception) -> str:
+    """First line of a library error, for one-line messages."""
+    return str(exc).split("\n")[0] if not isinstance(exc, TilepipeError) else str(exc)

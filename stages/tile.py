@@ -1,0 +1,222 @@
+"""Tile stage: cut every scene into tiles with windowed reads, labels aligned onto each tile.
+
+Work is incremental: a scene whose fingerprint (content hashes + tile params) matches its
+existing, checksum-verified output is not tiled again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from stages.errors import TilepipeError
+from stages.fsutil import atomic_dir, write_json
+from stages.labels import IGNORE, open_labels
+from stages.params import Params
+from stages.raster_io import aligned, gdal_env, open_raster, read_padded, scale_to_unit, target_grid
+from stages.tile_store import ShardWriter, read_index, verify_shards, write_index
+
+STORE_VERSION = 1
+CHUNK_PX = 1024  # tiles are cut from reads of about this many pixels a side
+TABLE_COLUMNS = ("shard", "offset", "row", "col", "x", "y", "bounds", "nodata", "hist")
+
+
+def fingerprint(scene: dict[str, Any], params: Params) -> str:
+    """Key of a scene's tile output: its content hashes and every param that shapes the tiles."""
+    key = {
+        "version": STORE_VERSION,
+        "image": scene["image_sha256"],
+        "labels": scene["labels_sha256"],
+        "input_bands": scene["input_bands"],
+        "scale": params.bands.scale.get(scene["dtype"]),
+        "tile": params.tile.model_dump(mode="json", exclude={"workers", "gdal_cache_mb"}),
+        "classes": params.data.model_dump(mode="json", include={"classes", "background"}),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def tile_grid_shape(width: int, height: int, size: int, stride: int) -> tuple[int, int]:
+    """(rows, cols) of tiles so that the last tile reaches the grid's edge."""
+    rows = math.ceil(max(height - size, 0) / stride) + 1
+    cols = math.ceil(max(width - size, 0) / stride) + 1
+    return rows, cols
+
+
+def is_current(scene_dir: Path, expected: str) -> bool:
+    """True when a scene's output exists, carries ``expected`` fingerprint and verifies."""
+    if not (scene_dir / "index.json").is_file():
+        return False
+    try:
+        index = read_index(scene_dir)
+    except TilepipeError:
+        return False
+    return index.get("fingerprint") == expected and verify_shards(scene_dir, index) is None
+
+
+def tile_scene(scene: dict[str, Any], params: Params, scene_dir: Path) -> dict[str, Any]:
+    """Tile one scene into ``scene_dir`` (written whole to a temp dir, then renamed)."""
+    tp = params.tile
+    started = time.perf_counter()
+    with gdal_env(tp.gdal_cache_mb), open_raster(scene["image"]) as src, atomic_dir(scene_dir) as tmp:
+        grid = target_grid(src, tp.gsd)
+        coarser = tp.gsd is not None and tp.gsd > scene["gsd_m"]
+        view = aligned(src, grid, Resampling.average if coarser else Resampling.bilinear)
+        labels = open_labels(Path(scene["labels"]), grid, params.data)
+        indexes = list(scene["input_bands"].values())
+        rows, cols = tile_grid_shape(grid.width, grid.height, tp.size, tp.stride)
+        step = max(1, CHUNK_PX // tp.stride)
+        writer = ShardWriter(tmp, tp.shard_mb)
+        table: dict[str, list] = {k: [] for k in TABLE_COLUMNS}
+        dropped = 0
+        try:
+            for r0 in range(0, rows, step):
+                for c0 in range(0, cols, step):
+                    nr, nc = min(step, rows - r0), min(step, cols - c0)
+                    window = Window(
+                        c0 * tp.stride,
+                        r0 * tp.stride,
+                        (nc - 1) * tp.stride + tp.size,
+                        (nr - 1) * tp.stride + tp.size,
+                    )
+                    raw, valid = read_padded(view, window, indexes)
+                    image = scale_to_unit(raw, scene["dtype"], params.bands.scale)
+                    image[:, ~valid] = 0.0
+                    label = labels.read(window)
+                    label[~valid] = IGNORE
+                    chunk = _Chunk(image, label, valid, r0, c0, nr, nc)
+                    dropped += _cut_chunk(chunk, params, grid, writer, table)
+            writer.flush()
+        finally:
+            labels.close()
+            if view is not src:
+                view.close()
+        index = {
+            "scene_id": scene["scene_id"],
+            "fingerprint": fingerprint(scene, params),
+            "crs": grid.crs.to_string(),
+            "transform": list(grid.transform)[:6],
+            "width": grid.width,
+            "height": grid.height,
+            "tile_size": tp.size,
+            "stride": tp.stride,
+            "bands": params.bands.input,
+            "classes": params.data.class_names,
+            "tile_count": len(table["shard"]),
+            "dropped": dropped,
+        }
+        write_index(tmp, {**index, "shards": writer.shards, "tiles": table})
+    return {**index, "seconds": round(time.perf_counter() - started, 3)}
+
+
+@dataclass
+class _Chunk:
+    """One read of the grid holding nr x nc tiles whose top-left tile is (r0, c0)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    valid: np.ndarray
+    r0: int
+    c0: int
+    nr: int
+    nc: int
+
+
+def _cut_chunk(chunk: _Chunk, params: Params, grid, writer: ShardWriter, table: dict) -> int:
+    """Cut the tiles of one chunk, keep those with little nodata; returns how many were dropped."""
+    tp, n_classes, dropped = params.tile, len(params.data.classes), 0
+    for r in range(chunk.nr):
+        for c in range(chunk.nc):
+            y, x = r * tp.stride, c * tp.stride
+            nodata = 1.0 - float(chunk.valid[y : y + tp.size, x : x + tp.size].mean())
+            if nodata > tp.max_nodata:
+                dropped += 1
+                continue
+            tile_label = chunk.label[y : y + tp.size, x : x + tp.size]
+            shard, offset = writer.add(chunk.image[:, y : y + tp.size, x : x + tp.size], tile_label)
+            counts = np.bincount(tile_label.ravel(), minlength=256)
+            row, col = chunk.r0 + r, chunk.c0 + c
+            px, py = col * tp.stride, row * tp.stride
+            bounds = grid.window_bounds(Window(px, py, tp.size, tp.size))
+            for key, value in (
+                ("shard", shard),
+                ("offset", offset),
+                ("row", row),
+                ("col", col),
+                ("x", px),
+                ("y", py),
+                ("bounds", [round(v, 6) for v in bounds]),
+                ("nodata", round(nodata, 4)),
+                ("hist", [*counts[:n_classes].tolist(), int(counts[IGNORE])]),
+            ):
+                table[key].append(value)
+    return dropped
+
+
+def _tile_worker(scene: dict[str, Any], params: Params, scene_dir: Path) -> dict[str, Any]:
+    try:
+        return tile_scene(scene, params, scene_dir)
+    except RasterioError as exc:
+        raise TilepipeError(f"{scene['image']}: read failed ({str(exc).splitlines()[0]})") from None
+
+
+def plan(scenes: list[dict[str, Any]], params: Params, out_dir: Path) -> list[dict[str, Any]]:
+    """The scenes whose tiles are missing, stale or corrupt."""
+    return [s for s in scenes if not is_current(out_dir / s["scene_id"], fingerprint(s, params))]
+
+
+def tile(params: Params, scenes_json: Path, out_dir: Path) -> dict[str, Any]:
+    """Tile every ingested scene that needs it, in parallel; write ``summary.json``."""
+    scenes = json.loads(Path(scenes_json).read_text())["scenes"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {s["scene_id"] for s in scenes}
+    for stale in out_dir.iterdir():
+        if stale.is_dir() and stale.name not in wanted:
+            shutil.rmtree(stale)
+    todo = plan(scenes, params, out_dir)
+    print(f"tile: {len(todo)} of {len(scenes)} scene(s) to tile, {len(scenes) - len(todo)} up to date")
+    started = time.perf_counter()
+    done: list[dict[str, Any]] = []
+    if len(todo) <= 1 or params.tile.workers == 1:
+        for scene in todo:
+            done.append(_tile_worker(scene, params, out_dir / scene["scene_id"]))
+            _report(done[-1])
+    else:
+        workers = min(params.tile.workers, len(todo))
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_tile_worker, s, params, out_dir / s["scene_id"]) for s in todo]
+            for future in futures:
+                done.append(future.result())
+                _report(done[-1])
+    counts = {s["scene_id"]: read_index(out_dir / s["scene_id"])["tile_count"] for s in scenes}
+    summary = {
+        "scenes": len(scenes),
+        "tiled": [d["scene_id"] for d in done],
+        "tiles": counts,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(out_dir / "summary.json", {"scenes": len(scenes), "tiles": counts})
+    return summary
+
+
+def _report(done: dict[str, Any]) -> None:
+    rate = done["tile_count"] / max(done["seconds"], 1e-9)
+    print(
+        f"  {done['scene_id']}: {done['tile_count']} tiles ({done['dropped']} dropped for nodata) "
+        f"in {done['seconds']:.1f} s, {rate:.0f} tiles/s",
+        file=sys.stdout,
+        flush=True,
+    )

@@ -1,0 +1,148 @@
+"""The tile store: per scene, a few ``.npy`` shards plus ``index.json``.
+
+Why ``.npy`` shards: they memory-map with numpy alone (no decode on read, a tile is a
+slice), a scene becomes a handful of files DVC hashes quickly (one file per tile chokes
+DVC and filesystems at millions of tiles), and any tool can open them. Shards are
+written whole from a bounded buffer (``tile.shard_mb``) to a temp file and renamed, and
+their SHA-256 sits in the index, so a truncated shard is never accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.errors import TilepipeError
+from stages.fsutil import atomic_path, file_sha256, write_json
+
+INDEX = "index.json"
+IMAGE_DTYPE = np.float16
+
+
+class _HashingWriter:
+    """File wrapper that hashes what is written (np.save streams through it)."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        writer = _HashingWriter(fh)
+        np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+        fh.flush()
+    return writer.digest.hexdigest()
+
+
+@dataclass
+class ShardWriter:
+    """Buffers tiles of one scene and writes them as shards of about ``shard_mb`` MB."""
+
+    out_dir: Path
+    shard_mb: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    _images: list[np.ndarray] = field(default_factory=list)
+    _labels: list[np.ndarray] = field(default_factory=list)
+    _bytes: int = 0
+
+    def add(self, image: np.ndarray, label: np.ndarray) -> tuple[int, int]:
+        """Queue one tile; returns its (shard number, offset in shard)."""
+        self._images.append(image.astype(IMAGE_DTYPE))
+        self._labels.append(label.astype(np.uint8))
+        self._bytes += self._images[-1].nbytes + self._labels[-1].nbytes
+        position = (len(self.shards), len(self._images) - 1)
+        if self._bytes >= self.shard_mb * 1024 * 1024:
+            self.flush()
+        return position
+
+    def flush(self) -> None:
+        """Write the buffered tiles as the next shard."""
+        if not self._images:
+            return
+        number = len(self.shards)
+        images, labels = f"images-{number:05d}.npy", f"labels-{number:05d}.npy"
+        self.shards.append(
+            {
+                "images": images,
+                "labels": labels,
+                "count": len(self._images),
+                "sha256": {
+                    images: _save_npy(self.out_dir / images, np.stack(self._images)),
+                    labels: _save_npy(self.out_dir / labels, np.stack(self._labels)),
+                },
+            }
+        )
+        self._images, self._labels, self._bytes = [], [], 0
+
+
+def write_index(scene_dir: Path, index: dict[str, Any]) -> None:
+    """Write a scene's index last, so its presence means the shards are complete."""
+    write_json(scene_dir / INDEX, index)
+
+
+def read_index(scene_dir: Path) -> dict[str, Any]:
+    """Read a scene's tile index, or fail naming it."""
+    path = Path(scene_dir) / INDEX
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TilepipeError(f"{path}: tile index not found (run `tilepipe tile`)") from None
+    except json.JSONDecodeError as exc:
+        raise TilepipeError(f"{path}: tile index is corrupt ({exc})") from None
+
+
+def verify_shards(scene_dir: Path, index: dict[str, Any]) -> str | None:
+    """Check every shard's checksum; return a problem description or None when all are intact."""
+    for shard in index.get("shards", []):
+        for name, expected in shard["sha256"].items():
+            path = Path(scene_dir) / name
+            if not path.is_file():
+                return f"{path}: shard missing"
+            if file_sha256(path) != expected:
+                return f"{path}: shard checksum mismatch (truncated or modified)"
+    return None
+
+
+class SceneTiles:
+    """Read access to one scene's tiles through memory-mapped shards."""
+
+    def __init__(self, scene_dir: Path, verify: bool = True) -> None:
+        self.dir = Path(scene_dir)
+        self.index = read_index(self.dir)
+        if verify and (problem := verify_shards(self.dir, self.index)):
+            raise TilepipeError(problem)
+        self._images = [np.load(self.dir / s["images"], mmap_mode="r") for s in self.index["shards"]]
+        self._labels = [np.load(self.dir / s["labels"], mmap_mode="r") for s in self.index["shards"]]
+        tiles = self.index["tiles"]
+        self.shard_of = np.asarray(tiles["shard"], dtype=np.int64)
+        self.offset_of = np.asarray(tiles["offset"], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def image(self, i: int) -> np.ndarray:
+        """Tile ``i`` as (bands, size, size) float16 in [0, 1], memory-mapped."""
+        return self._images[self.shard_of[i]][self.offset_of[i]]
+
+    def label(self, i: int) -> np.ndarray:
+        """Tile ``i`` labels as (size, size) class indexes (255 = ignore)."""
+        return self._labels[self.shard_of[i]][self.offset_of[i]]
+
+    def histograms(self) -> np.ndarray:
+        """Per-tile class histograms (tiles x (classes + 1)); the last column counts ignored pixels."""
+        return np.asarray(self.index["tiles"]["hist"], dtype=np.int64)
+
+
+def scene_dirs(tiles_dir: Path) -> dict[str, Path]:
+    """scene_id -> folder, for every scene folder with an index under ``tiles_dir``."""
+    return {p.parent.name: p.parent for p in sorted(Path(tiles_dir).glob(f"*/{INDEX}"))}

@@ -1,0 +1,118 @@
+"""Fixtures: tiny georeferenced rasters written on the fly from a seeded generator."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from stages.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["water", "forest", "cropland", "urban", "bare"]
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def write_raster(
+    path: Path,
+    data: np.ndarray,
+    crs: str = "EPSG:32633",
+    transform=None,
+    nodata=None,
+    descriptions: list[str] | None = None,
+) -> Path:
+    """Write a (bands, rows, cols) array as a tiled GeoTIFF."""
+    data = data if data.ndim == 3 else data[None]
+    transform = transform or from_origin(500000, 4000000, 1.0, 1.0)
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        "crs": crs,
+        "transform": transform,
+        "nodata": nodata,
+    }
+    if data.shape[1] >= 16 and data.shape[2] >= 16:
+        profile.update(tiled=True, blockxsize=16, blockysize=16)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for i, name in enumerate(descriptions or []):
+            dst.set_band_description(i + 1, name)
+    return path
+
+
+def write_scene(
+    folder: Path,
+    scene_id: str,
+    size: tuple[int, int] = (96, 80),
+    seed: int = 0,
+    crs: str = "EPSG:32633",
+    res: float = 1.0,
+    origin: tuple[float, float] = (500000.0, 4000000.0),
+) -> dict[str, Path]:
+    """A uint8 RGB scene whose label raster (same grid) holds class values 1..5 in vertical bands."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    classes = (np.arange(width)[None, :] * 5 // width + 1).repeat(height, axis=0).astype(np.uint8)
+    image = np.stack([classes * 40 + rng.integers(1, 20, classes.shape) for _ in range(3)]).astype(np.uint8)
+    transform = from_origin(origin[0], origin[1], res, res)
+    image_path = write_raster(
+        folder / f"{scene_id}.tif", image, crs, transform, nodata=0, descriptions=["red", "green", "blue"]
+    )
+    label_path = write_raster(folder / f"{scene_id}_labels.tif", classes, crs, transform, nodata=0)
+    return {"image": image_path, "labels": label_path}
+
+
+def write_catalog(folder: Path, rows: list[dict[str, str]], name: str = "catalog.csv") -> Path:
+    """Write a catalog CSV; rows hold scene_id, image, labels and optionally split, bands."""
+    columns = ["scene_id", "image", "labels", "split", "bands"]
+    lines = [",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_geojson(path: Path, features: list[tuple[dict, object]], crs: str | None = None) -> Path:
+    """Write polygons [(geometry, class)] as a FeatureCollection (legacy crs member if given)."""
+    doc: dict = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "properties": {"class": cls}, "geometry": geom} for geom, cls in features
+        ],
+    }
+    if crs:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def tiny_params(tmp_path: Path, *overrides: str):
+    """The project's params.yaml with tiny-data overrides, catalog under tmp_path."""
+    base = [
+        f"data.catalog={tmp_path / 'catalog.csv'}",
+        f"data.imagery={tmp_path}",
+        "tile.size=16",
+        "tile.stride=16",
+        "tile.workers=1",
+        "tile.max_nodata=0.5",
+    ]
+    return load_params(ROOT / "params.yaml", [*base, *overrides])
+
+
+@pytest.fixture
+def scenes(tmp_path: Path) -> Path:
+    """Four small scenes in two UTM zones with a catalog; returns the catalog path."""
+    rows = []
+    for i in range(4):
+        crs = "EPSG:32633" if i % 2 == 0 else "EPSG:32610"
+        paths = write_scene(tmp_path, f"s{i}", seed=i, crs=crs)
+        rows.append({"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name})
+    return write_catalog(tmp_path, rows)

@@ -1,0 +1,184 @@
+import json
+
+import numpy as np
+import pytest
+from rasterio.transform import from_origin
+from rasterio.warp import transform as warp_transform
+from rasterio.warp import transform_geom
+
+from stages.errors import TilepipeError
+from stages.ingest import ingest
+from stages.labels import IGNORE
+from stages.tile import tile
+from stages.tile_store import SceneTiles, ShardWriter, read_index, verify_shards, write_index
+from tests.conftest import tiny_params, write_catalog, write_geojson, write_raster, write_scene
+
+ORIGIN = (500000.0, 4000000.0)
+
+
+def _run(tmp_path, catalog, *overrides):
+    params = tiny_params(tmp_path, *overrides)
+    ingest(params, catalog, tmp_path / "scenes.json")
+    return params, tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
+
+
+def _label_at(store: SceneTiles, x: int, y: int) -> int:
+    """Class index at grid pixel (x, y), looked up through the tile that holds it."""
+    index = store.index
+    size = index["tile_size"]
+    for i, (tx, ty) in enumerate(zip(index["tiles"]["x"], index["tiles"]["y"], strict=True)):
+        if tx <= x < tx + size and ty <= y < ty + size:
+            return int(store.label(i)[y - ty, x - tx])
+    raise AssertionError(f"no tile holds pixel {(x, y)}")
+
+
+def _uniform_scene(tmp_path, name="scene", size=64, res=2.0):
+    image = np.full((3, size, size), 100, dtype=np.uint8)
+    return write_raster(
+        tmp_path / f"{name}.tif",
+        image,
+        "EPSG:32633",
+        from_origin(*ORIGIN, res, res),
+        nodata=0,
+        descriptions=["red", "green", "blue"],
+    )
+
+
+def _square_lonlat(x0, y0, x1, y1):
+    """A UTM 33N rectangle (map coords) as a lon/lat GeoJSON polygon."""
+    ring = {"type": "Polygon", "coordinates": [[(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]]}
+    return transform_geom("EPSG:32633", "EPSG:4326", ring, precision=12)
+
+
+@pytest.mark.parametrize("gsd", [None, 1.0])
+def test_polygon_label_lands_on_the_right_tile_pixel(tmp_path, gsd):
+    image = _uniform_scene(tmp_path)
+    # Pixels x 20..29, y 10..19 of the 2 m image, as a lon/lat polygon (a CRS change).
+    polygon = _square_lonlat(ORIGIN[0] + 40, ORIGIN[1] - 40, ORIGIN[0] + 60, ORIGIN[1] - 20)
+    labels = write_geojson(tmp_path / "labels.geojson", [(polygon, "urban")])
+    catalog = write_catalog(tmp_path, [{"scene_id": "a", "image": image.name, "labels": labels.name}])
+    overrides = ["tile.size=16", "tile.stride=16"] + ([f"tile.gsd={gsd}"] if gsd else [])
+    _run(tmp_path, catalog, *overrides)
+    store = SceneTiles(tmp_path / "tiles" / "a")
+    urban = 3
+    scale = 2 if gsd else 1  # at 1 m every 2 m pixel becomes 2 x 2
+    inside = [(20, 10), (29, 19), (25, 15)]
+    outside = [(19, 10), (30, 19), (25, 9), (25, 20)]
+    for x, y in inside:
+        for dx in range(scale):
+            assert _label_at(store, x * scale + dx, y * scale + dx) == urban
+    for x, y in outside:
+        assert _label_at(store, x * scale, y * scale) == IGNORE
+
+
+def test_raster_label_on_coarser_grid_in_another_zone(tmp_path):
+    image = _uniform_scene(tmp_path)
+    # Label raster in UTM 34N (another CRS) at 0.5 m: class value 4 (urban) over a region,
+    # 2 (forest) elsewhere. Build it by mapping its pixel centres back into the image's CRS.
+    width = height = 400
+    cx, cy = warp_transform("EPSG:32633", "EPSG:32634", [ORIGIN[0] + 64], [ORIGIN[1] - 64])
+    transform = from_origin(cx[0] - 100, cy[0] + 100, 0.5, 0.5)
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    xs, ys = transform * (cols.ravel(), rows.ravel())
+    ux, uy = warp_transform("EPSG:32634", "EPSG:32633", xs, ys)
+    px = (np.asarray(ux) - ORIGIN[0]) / 2.0
+    py = (ORIGIN[1] - np.asarray(uy)) / 2.0
+    inside = (px >= 20) & (px < 30) & (py >= 10) & (py < 20)
+    values = np.where(inside, 4, 2).astype(np.uint8).reshape(height, width)
+    labels = write_raster(tmp_path / "labels.tif", values, "EPSG:32634", transform, nodata=0)
+    catalog = write_catalog(tmp_path, [{"scene_id": "b", "image": image.name, "labels": labels.name}])
+    _run(tmp_path, catalog)
+    store = SceneTiles(tmp_path / "tiles" / "b")
+    for x, y in [(21, 11), (28, 18), (25, 15)]:
+        assert _label_at(store, x, y) == 3  # urban is class index 3
+    for x, y in [(18, 15), (31, 15), (25, 8), (25, 21)]:
+        assert _label_at(store, x, y) == 1  # forest
+
+
+def test_nodata_tiles_are_dropped_and_masked(tmp_path):
+    paths = write_scene(tmp_path, "c", size=(64, 64))
+    import rasterio
+
+    with rasterio.open(paths["image"], "r+") as dst:
+        data = dst.read()
+        data[:, :, :24] = 0  # left 24 columns nodata: tile col 0 all nodata, col 1 half
+        dst.write(data)
+    catalog = write_catalog(
+        tmp_path, [{"scene_id": "c", "image": paths["image"].name, "labels": paths["labels"].name}]
+    )
+    _, summary = _run(tmp_path, catalog, "tile.max_nodata=0.5")
+    store = SceneTiles(tmp_path / "tiles" / "c")
+    assert store.index["dropped"] == 4  # the 4 tiles of column 0
+    assert summary["tiles"]["c"] == 12
+    cols = np.asarray(store.index["tiles"]["col"])
+    half = np.flatnonzero(cols == 1)[0]
+    assert (store.label(half)[:, :8] == IGNORE).all()
+    assert (store.image(half)[:, :, :8] == 0).all()
+    assert store.index["tiles"]["nodata"][half] == 0.5
+
+
+def test_small_scene_is_padded_to_one_tile(tmp_path):
+    paths = write_scene(tmp_path, "tiny", size=(12, 12))
+    catalog = write_catalog(
+        tmp_path, [{"scene_id": "tiny", "image": paths["image"].name, "labels": paths["labels"].name}]
+    )
+    _run(tmp_path, catalog, "tile.max_nodata=0.5")
+    store = SceneTiles(tmp_path / "tiles" / "tiny")
+    assert len(store) == 1
+    assert store.image(0).shape == (3, 16, 16)
+    assert (store.label(0)[12:, :] == IGNORE).all()
+
+
+def test_shards_round_trip_and_checksums(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(tmp_path, shard_mb=1)
+    images = rng.random((40, 3, 128, 128), dtype=np.float32)
+    labels = rng.integers(0, 5, (40, 128, 128), dtype=np.uint8)
+    positions = [writer.add(i, lab) for i, lab in zip(images, labels, strict=True)]
+    writer.flush()
+    assert len(writer.shards) > 1, "1 MB shards should split 40 tiles of 96 KB"
+    write_index(
+        tmp_path,
+        {
+            "tile_size": 128,
+            "shards": writer.shards,
+            "tiles": {"shard": [p[0] for p in positions], "offset": [p[1] for p in positions]},
+        },
+    )
+    store = SceneTiles(tmp_path)
+    for i in range(40):
+        np.testing.assert_array_equal(store.image(i), images[i].astype(np.float16))
+        np.testing.assert_array_equal(store.label(i), labels[i])
+    shard = tmp_path / writer.shards[0]["images"]
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncate
+    assert "checksum mismatch" in verify_shards(tmp_path, read_index(tmp_path))
+    with pytest.raises(TilepipeError, match="checksum"):
+        SceneTiles(tmp_path)
+
+
+def test_tiling_is_incremental_and_rebuilds_corrupt_output(tmp_path, scenes):
+    params, first = _run(tmp_path, scenes)
+    assert sorted(first["tiled"]) == ["s0", "s1", "s2", "s3"]
+    shard = tmp_path / "tiles" / "s0" / "images-00000.npy"
+    before = shard.read_bytes()
+    assert tile(params, tmp_path / "scenes.json", tmp_path / "tiles")["tiled"] == []
+    shard.write_bytes(before[:50])
+    assert tile(params, tmp_path / "scenes.json", tmp_path / "tiles")["tiled"] == ["s0"]
+    assert shard.read_bytes() == before, "rebuilt shard must be byte-identical"
+    paths = write_scene(tmp_path, "s9", seed=9)
+    with open(scenes, "a") as fh:
+        fh.write(f"s9,{paths['image'].name},{paths['labels'].name},,\n")
+    ingest(params, scenes, tmp_path / "scenes.json")
+    assert tile(params, tmp_path / "scenes.json", tmp_path / "tiles")["tiled"] == ["s9"]
+    summary = json.loads((tmp_path / "tiles" / "summary.json").read_text())
+    assert set(summary["tiles"]) == {"s0", "s1", "s2", "s3", "s9"}
+
+
+def test_parallel_tiling_matches_serial(tmp_path, scenes):
+    params, _ = _run(tmp_path, scenes)
+    parallel = tiny_params(tmp_path, "tile.workers=2")
+    tile(parallel, tmp_path / "scenes.json", tmp_path / "tiles2")
+    for scene in ["s0", "s1", "s2", "s3"]:
+        a = read_index(tmp_path / "tiles" / scene)
+        b = read_index(tmp_path / "tiles2" / scene)
+        assert a == b
