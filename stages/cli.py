@@ -59,6 +59,36 @@ def _split(params: Params, args: argparse.Namespace) -> None:
     split(params, args.scenes, args.tiles, args.out)
 
 
+@command("train", "train a model over every training tile of every training scene")
+def _train(params: Params, args: argparse.Namespace) -> None:
+    from stages.tracking import tracked_train
+
+    tracked_train(params, args.tiles, args.split, args.out)
+
+
+@command("evaluate", "score the model on the held-out test scenes, log it and register it")
+def _evaluate(params: Params, args: argparse.Namespace) -> None:
+    from stages.tracking import register_trained, tracked_evaluate
+
+    tracked_evaluate(params, args.model_dir, args.tiles, args.split, args.out)
+    if not args.no_register and (args.model_dir / "run.json").is_file():
+        register_trained(params, args.model_dir, args.out, args.split)
+
+
+@command("flow", "run the whole pipeline as a Prefect flow (same stages, same outputs)")
+def _flow(params: Params, args: argparse.Namespace) -> None:
+    from flows.pipeline import run_pipeline
+
+    run_pipeline(args.params, args.overrides)
+
+
+@command("serve", "serve the Prefect deployments: nightly schedule and on demand")
+def _serve(params: Params, args: argparse.Namespace) -> None:
+    from flows.deploy import serve
+
+    serve(args.params, args.overrides)
+
+
 @command("report", "print a summary of the pipeline's outputs")
 def _report(params: Params, args: argparse.Namespace) -> None:
     from stages.split import print_summary
@@ -104,8 +134,21 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "split": lambda s: _path_args(
         s, scenes="data/ingest/scenes.json", tiles="data/tiles", out="data/split/split.json"
     ),
+    "train": lambda s: _path_args(s, tiles="data/tiles", split="data/split/split.json", out="models"),
+    "evaluate": lambda s: (
+        _path_args(
+            s, model_dir="models", tiles="data/tiles", split="data/split/split.json", out="metrics"
+        ),
+        s.add_argument("--no-register", action="store_true", help="do not register the model"),
+    ),
     "report": lambda s: _path_args(s, split="data/split/split.json", metrics="metrics/metrics.json"),
 }
+
+
+def configure_process(params: Params) -> None:
+    """Process-wide settings, set once at the entry point: torch threads (only if torch is loaded)."""
+    if params.train.threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(params.train.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
+        configure_process(params)
         COMMANDS[args.command][1](params, args)
     except TilepipeError as exc:
         print(f"tilepipe {args.command}: error: {exc}", file=sys.stderr)

@@ -126,6 +126,57 @@ class SplitParams(Section):
         return ratios
 
 
+class EarlyStopping(Section):
+    """Stop when the validation metric has not improved for ``patience`` epochs."""
+
+    metric: Literal["val_macro_f1", "val_accuracy", "val_miou", "val_loss"] = "val_macro_f1"
+    patience: int = Field(default=5, ge=1)
+
+
+class TrainParams(Section):
+    """Task, model, optimisation and data-loading settings of the train stage."""
+
+    task: Literal["classification", "segmentation"] = "classification"
+    model: Literal["small_cnn", "resnet18", "unet"] = "small_cnn"
+    width: int = Field(default=32, ge=4, le=512)
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(ge=1, le=65_536)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    early_stopping: EarlyStopping = EarlyStopping()
+    min_purity: float = Field(default=0.6, gt=0, le=1)
+    class_weights: Literal["none", "inverse", "sqrt_inverse"] = "sqrt_inverse"
+    augment: bool = True
+    precision: Literal["fp32", "bf16", "amp"] = "fp32"
+    workers: int = Field(default=0, ge=0, le=64)
+    threads: int = Field(default=0, ge=0, le=256)
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _task_fits_model(self) -> TrainParams:
+        if (self.task == "segmentation") != (self.model == "unet"):
+            raise ValueError("task segmentation needs model unet, and unet is for segmentation")
+        return self
+
+
+class EvaluateParams(Section):
+    """Evaluation batch size and when to warn that the test set is too small."""
+
+    batch_size: int = Field(default=256, ge=1)
+    min_test_scenes: int = Field(default=2, ge=1)
+    min_test_tiles: int = Field(default=50, ge=1)
+
+
+class TrackParams(Section):
+    """MLflow experiment, registered model name and the metric that crowns a champion."""
+
+    experiment: str = Field(min_length=1)
+    model_name: str = Field(min_length=1)
+    champion_metric: Literal["macro_f1", "accuracy", "miou"] = "macro_f1"
+
+
 class Params(Section):
     """The whole of ``params.yaml``."""
 
@@ -136,6 +187,15 @@ class Params(Section):
     ingest: IngestParams
     tile: TileParams
     split: SplitParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    track: TrackParams
+
+    @model_validator(mode="after")
+    def _unet_tile_size(self) -> Params:
+        if self.train.model == "unet" and self.tile.size % 8:
+            raise ValueError("train.model unet needs tile.size divisible by 8")
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

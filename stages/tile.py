@@ -182,10 +182,7 @@ def tile(params: Params, scenes_json: Path, out_dir: Path) -> dict[str, Any]:
     """Tile every ingested scene that needs it, in parallel; write ``summary.json``."""
     scenes = json.loads(Path(scenes_json).read_text())["scenes"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {s["scene_id"] for s in scenes}
-    for stale in out_dir.iterdir():
-        if stale.is_dir() and stale.name not in wanted:
-            shutil.rmtree(stale)
+    prune_stale(scenes, out_dir)
     todo = plan(scenes, params, out_dir)
     print(f"tile: {len(todo)} of {len(scenes)} scene(s) to tile, {len(scenes) - len(todo)} up to date")
     started = time.perf_counter()
@@ -201,15 +198,28 @@ def tile(params: Params, scenes_json: Path, out_dir: Path) -> dict[str, Any]:
             for future in futures:
                 done.append(future.result())
                 _report(done[-1])
-    counts = {s["scene_id"]: read_index(out_dir / s["scene_id"])["tile_count"] for s in scenes}
-    summary = {
+    counts = write_summary(scenes, out_dir)
+    return {
         "scenes": len(scenes),
         "tiled": [d["scene_id"] for d in done],
         "tiles": counts,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def prune_stale(scenes: list[dict[str, Any]], out_dir: Path) -> None:
+    """Remove scene folders of scenes no longer in the catalog."""
+    wanted = {s["scene_id"] for s in scenes}
+    for stale in out_dir.iterdir():
+        if stale.is_dir() and stale.name not in wanted:
+            shutil.rmtree(stale)
+
+
+def write_summary(scenes: list[dict[str, Any]], out_dir: Path) -> dict[str, int]:
+    """Write ``summary.json`` (tile count per scene) once every scene is tiled; returns the counts."""
+    counts = {s["scene_id"]: read_index(out_dir / s["scene_id"])["tile_count"] for s in scenes}
     write_json(out_dir / "summary.json", {"scenes": len(scenes), "tiles": counts})
-    return summary
+    return counts
 
 
 def _report(done: dict[str, Any]) -> None:

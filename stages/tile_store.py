@@ -138,6 +138,19 @@ class SceneTiles:
         """Tile ``i`` labels as (size, size) class indexes (255 = ignore)."""
         return self._labels[self.shard_of[i]][self.offset_of[i]]
 
+    def gather(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of many tiles at once: one sorted fancy index per shard."""
+        shards, offsets = self.shard_of[tiles], self.offset_of[tiles]
+        first = self._images[0]
+        images = np.empty((len(tiles), *first.shape[1:]), dtype=first.dtype)
+        labels = np.empty((len(tiles), *first.shape[2:]), dtype=np.uint8)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            rows = rows[np.argsort(offsets[rows], kind="stable")]
+            images[rows] = self._images[shard][offsets[rows]]
+            labels[rows] = self._labels[shard][offsets[rows]]
+        return images, labels
+
     def histograms(self) -> np.ndarray:
         """Per-tile class histograms (tiles x (classes + 1)); the last column counts ignored pixels."""
         return np.asarray(self.index["tiles"]["hist"], dtype=np.int64)

@@ -94,9 +94,9 @@ def write_geojson(path: Path, features: list[tuple[dict, object]], crs: str | No
     return path
 
 
-def tiny_params(tmp_path: Path, *overrides: str):
-    """The project's params.yaml with tiny-data overrides, catalog under tmp_path."""
-    base = [
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """``--set`` overrides that point the project's params at tiny data under tmp_path."""
+    return [
         f"data.catalog={tmp_path / 'catalog.csv'}",
         f"data.imagery={tmp_path}",
         "tile.size=16",
@@ -104,7 +104,11 @@ def tiny_params(tmp_path: Path, *overrides: str):
         "tile.workers=1",
         "tile.max_nodata=0.5",
     ]
-    return load_params(ROOT / "params.yaml", [*base, *overrides])
+
+
+def tiny_params(tmp_path: Path, *overrides: str):
+    """The project's params.yaml with tiny-data overrides, catalog under tmp_path."""
+    return load_params(ROOT / "params.yaml", [*tiny_overrides(tmp_path), *overrides])
 
 
 @pytest.fixture

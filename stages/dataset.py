@@ -1,0 +1,184 @@
+"""Torch data path over the tile store: memory-mapped shards, shuffled across scenes, batched."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from stages.labels import IGNORE
+from stages.tile_store import SceneTiles
+
+Task = Literal["classification", "segmentation"]
+
+
+@dataclass(frozen=True)
+class TileRef:
+    """Which tiles of the store a split uses: parallel arrays of scene number and tile number."""
+
+    scene_ids: list[str]
+    scene: np.ndarray
+    tile: np.ndarray
+    target: np.ndarray  # classification: majority class per tile; segmentation: -1
+
+
+def split_members(split_json: Path, name: str) -> dict[str, list[int] | None]:
+    """scene_id -> tile numbers (None = all tiles) of one split."""
+    return json.loads(Path(split_json).read_text())["members"][name]
+
+
+def select_tiles(
+    stores: dict[str, SceneTiles], members: dict[str, list[int] | None], task: Task, min_purity: float
+) -> TileRef:
+    """Pick a split's tiles; for classification keep tiles whose majority class is pure enough."""
+    scene_ids = sorted(members)
+    scenes, tiles, targets = [], [], []
+    for number, scene_id in enumerate(scene_ids):
+        chosen = members[scene_id]
+        store = stores[scene_id]
+        idx = np.arange(len(store)) if chosen is None else np.asarray(chosen, dtype=np.int64)
+        hist = store.histograms()[idx, :-1] if len(idx) else np.zeros((0, 1))
+        labelled = hist.sum(axis=1)
+        if task == "classification":
+            majority = hist.argmax(axis=1) if len(idx) else np.zeros(0, dtype=np.int64)
+            purity = hist.max(axis=1) / np.maximum(labelled, 1) if len(idx) else np.zeros(0)
+            keep = (labelled > 0) & (purity >= min_purity)
+            target = majority[keep]
+        else:
+            keep = labelled > 0
+            target = np.full(int(keep.sum()), -1)
+        scenes.append(np.full(int(keep.sum()), number))
+        tiles.append(idx[keep])
+        targets.append(target)
+    return TileRef(
+        scene_ids,
+        np.concatenate(scenes).astype(np.int64) if scenes else np.zeros(0, np.int64),
+        np.concatenate(tiles).astype(np.int64) if tiles else np.zeros(0, np.int64),
+        np.concatenate(targets).astype(np.int64) if targets else np.zeros(0, np.int64),
+    )
+
+
+def band_statistics(stores: dict[str, SceneTiles], ref: TileRef, max_tiles: int = 4096) -> dict[str, list]:
+    """Per-band mean and std over (a seeded, evenly spread sample of) the training tiles."""
+    count = len(ref.tile)
+    picks = np.linspace(0, count - 1, num=min(count, max_tiles)).round().astype(np.int64)
+    total = total_sq = None
+    pixels = 0
+    for i in picks:
+        image = stores[ref.scene_ids[ref.scene[i]]].image(int(ref.tile[i])).astype(np.float64)
+        flat = image.reshape(image.shape[0], -1)
+        total = flat.sum(axis=1) if total is None else total + flat.sum(axis=1)
+        total_sq = (flat**2).sum(axis=1) if total_sq is None else total_sq + (flat**2).sum(axis=1)
+        pixels += flat.shape[1]
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - mean**2, 1e-12))
+    return {"mean": mean.round(6).tolist(), "std": np.maximum(std, 1e-3).round(6).tolist()}
+
+
+class TileBatches(Dataset):
+    """A map-style dataset whose items are whole batches: ``dataset[list_of_positions]``.
+
+    Gathering a batch with one fancy index per shard is far cheaper than one memmap slice
+    per tile, and lets a DataLoader with any worker count deliver ready batches.
+    """
+
+    def __init__(
+        self,
+        stores: dict[str, SceneTiles],
+        ref: TileRef,
+        task: Task,
+        augment: bool = False,
+    ) -> None:
+        self.stores, self.ref, self.task, self.augment = stores, ref, task, augment
+
+    def __len__(self) -> int:
+        return len(self.ref.tile)
+
+    def __getitem__(self, item: tuple[int, int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        seed, epoch, positions = item
+        positions = np.asarray(positions, dtype=np.int64)
+        images, labels = self.gather(positions)
+        x = torch.from_numpy(images).float()  # in [0, 1]; the model normalises (models.Normalized)
+        if self.task == "classification":
+            y = torch.from_numpy(self.ref.target[positions])
+        else:
+            y = torch.from_numpy(labels.astype(np.int64))
+            y[y == IGNORE] = -100
+        if self.augment:
+            x, y = self._dihedral(x, y, np.random.default_rng([seed, epoch, int(positions[0])]))
+        return x.contiguous(), y
+
+    def gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw tiles (float16 images, uint8 labels) for the given positions, in that order."""
+        scene, tile = self.ref.scene[positions], self.ref.tile[positions]
+        first = self.stores[self.ref.scene_ids[scene[0]]]
+        bands, size = first.image(int(tile[0])).shape[0], first.image(int(tile[0])).shape[1]
+        images = np.empty((len(positions), bands, size, size), dtype=np.float16)
+        labels = np.empty((len(positions), size, size), dtype=np.uint8)
+        for s in np.unique(scene):
+            store = self.stores[self.ref.scene_ids[s]]
+            rows = np.flatnonzero(scene == s)
+            images[rows], labels[rows] = store.gather(tile[rows])
+        return images, labels
+
+    def _dihedral(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator):
+        """Random flips and 90-degree rotations; the seed comes with the batch (resume-safe)."""
+        ops = rng.integers(0, 8, size=len(x))
+        for op in np.unique(ops):
+            rows = torch.from_numpy(np.flatnonzero(ops == op))
+            xs = torch.rot90(x[rows], int(op % 4), dims=(2, 3))
+            if op >= 4:
+                xs = torch.flip(xs, dims=(3,))
+            x[rows] = xs
+            if self.task == "segmentation":
+                ys = torch.rot90(y[rows], int(op % 4), dims=(1, 2))
+                y[rows] = torch.flip(ys, dims=(2,)) if op >= 4 else ys
+        return x, y
+
+
+class EpochBatchSampler(Sampler[tuple[int, int, list[int]]]):
+    """Yields (seed, epoch, positions) per batch; a fresh seeded permutation across all scenes each epoch.
+
+    The seed and epoch travel with each batch so augmentation stays deterministic in loader workers.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose permutation to yield next."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        else:
+            order = np.arange(self.size)
+        for start in range(0, self.size, self.batch_size):
+            yield self.seed, self.epoch, order[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.size + self.batch_size - 1) // self.batch_size
+
+
+def make_loader(dataset: TileBatches, batch_size: int, seed: int, shuffle: bool, workers: int) -> DataLoader:
+    """A DataLoader over whole batches; ``workers`` 0 keeps both cores for training."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, shuffle)
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+
+
+def open_stores(tiles_dir: Path, scene_ids: list[str]) -> dict[str, SceneTiles]:
+    """Open (and checksum-verify) the tile store of each scene."""
+    return {s: SceneTiles(Path(tiles_dir) / s) for s in scene_ids}

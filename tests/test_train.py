@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
+from stages.ingest import ingest
+from stages.split import split
+from stages.tile import tile
+from stages.train import load_model, train
+from tests.conftest import tiny_params, write_catalog, write_scene
+
+TRAIN = ["train.epochs=3", "train.batch_size=16", "train.width=8", "train.min_purity=0.5", "train.lr=0.01"]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    rows = []
+    for i, name in enumerate(["train", "train", "val", "test", "test"]):
+        paths = write_scene(tmp_path, f"s{i}", seed=i)
+        rows.append({"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name})
+    catalog = write_catalog(tmp_path, rows)
+    params = tiny_params(tmp_path, *TRAIN)
+    ingest(params, catalog, tmp_path / "scenes.json")
+    tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
+    split(params, tmp_path / "scenes.json", tmp_path / "tiles", tmp_path / "split.json")
+    return tmp_path, params
+
+
+def test_an_epoch_is_every_training_tile_once_and_nothing_else(prepared):
+    tmp_path, params = prepared
+    members = split_members(tmp_path / "split.json", "train")
+    stores = open_stores(tmp_path / "tiles", sorted(members))
+    ref = select_tiles(stores, members, "classification", 0.5)
+    loader = make_loader(TileBatches(stores, ref, "classification", augment=True), 16, 0, True, 0)
+    orders = []
+    for epoch in (1, 2):
+        loader.sampler.set_epoch(epoch)
+        seen = [p for _, _, batch in loader.sampler for p in batch]
+        assert sorted(seen) == list(range(len(ref.tile)))
+        orders.append(seen)
+        scenes = {ref.scene_ids[ref.scene[p]] for p in seen}
+        assert scenes <= {"s0", "s1"}
+        assert len({ref.scene[p] for p in seen[:16]}) == 2, "a batch should mix scenes"
+    assert orders[0] != orders[1], "shuffled afresh every epoch"
+    result = train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "models")
+    assert result["tiles_seen_per_epoch"] == [len(ref.tile)] * 3
+    assert result["train_scenes"] == 2 and result["val_scenes"] == 1
+
+
+def test_no_val_or_test_tile_reaches_training(prepared):
+    tmp_path, _ = prepared
+    split_doc = json.loads((tmp_path / "split.json").read_text())["members"]
+    train_scenes = set(split_doc["train"])
+    held_out = set(split_doc["val"]) | set(split_doc["test"])
+    assert train_scenes and held_out and not train_scenes & held_out
+    members = split_members(tmp_path / "split.json", "train")
+    ref = select_tiles(open_stores(tmp_path / "tiles", sorted(members)), members, "classification", 0.5)
+    assert set(ref.scene_ids) == train_scenes
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(prepared):
+    tmp_path, params = prepared
+    train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "full")
+
+    def die_after_first(epoch, _metrics):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut", on_epoch=die_after_first)
+    resumed = tiny_params(tmp_path, *TRAIN, "train.resume=true")
+    result = train(resumed, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut")
+    assert result["epochs_run"] == 3
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, tensor in full.items():
+        assert torch.allclose(tensor.float(), cut[name].float(), atol=1e-6), name
+    a, _ = load_model(tmp_path / "full" / "model.pt")
+    b, _ = load_model(tmp_path / "cut" / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x.float(), y.float(), atol=1e-6), name
+
+
+def test_model_carries_its_normalisation(prepared):
+    tmp_path, params = prepared
+    train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "models")
+    model, meta = load_model(tmp_path / "models" / "model.pt")
+    assert meta["bands"] == ["red", "green", "blue"] and meta["tile_size"] == 16
+    np.testing.assert_allclose(model.mean.view(-1).numpy(), meta["mean"], rtol=1e-6)
+    assert all(s > 0 for s in meta["std"])
+    for name in ("learning_curves.png", "val_confusion.png", "history.csv"):
+        assert (tmp_path / "models" / name).stat().st_size > 0
