@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONHASHSEED := 0
+# dvc.yaml calls `tilepipe`, so the venv's bin must be on PATH for `dvc repro`.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: run test lint bench ui serve clean
 
@@ -33,8 +35,8 @@ bench: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 
-serve: $(STAMP)
-	$(BIN)/tilepipe serve
+serve: $(STAMP)  # needs a Prefect server: see README, Orchestration with Prefect
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/tilepipe serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

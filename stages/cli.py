@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
         register_trained(params, args.model_dir, args.out, args.split)
 
 
+@command("predict", "predict a whole scene to a georeferenced map (COG)")
+def _predict(params: Params, args: argparse.Namespace) -> None:
+    from stages.predict import predict_scene, resolve_model
+
+    model, meta = resolve_model(args.model or f"models:/{params.track.model_name}@champion")
+    predict_scene(params, model, meta, args.scene, args.output, args.probabilities, args.bands)
+
+
 @command("flow", "run the whole pipeline as a Prefect flow (same stages, same outputs)")
 def _flow(params: Params, args: argparse.Namespace) -> None:
     from flows.pipeline import run_pipeline
@@ -136,27 +145,49 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     ),
     "train": lambda s: _path_args(s, tiles="data/tiles", split="data/split/split.json", out="models"),
     "evaluate": lambda s: (
-        _path_args(
-            s, model_dir="models", tiles="data/tiles", split="data/split/split.json", out="metrics"
-        ),
+        _path_args(s, model_dir="models", tiles="data/tiles", split="data/split/split.json", out="metrics"),
         s.add_argument("--no-register", action="store_true", help="do not register the model"),
+    ),
+    "predict": lambda s: (
+        s.add_argument("scene", type=Path, help="the scene to map (GeoTIFF)"),
+        s.add_argument("output", type=Path, help="output GeoTIFF (COG)"),
+        s.add_argument(
+            "--model",
+            default=None,
+            help="models:/NAME@ALIAS, an MLflow run id, or a model.pt path "
+            "(default: models:/<track.model_name>@champion)",
+        ),
+        s.add_argument("--probabilities", action="store_true", help="add per-class probability bands"),
+        s.add_argument(
+            "--bands",
+            default=None,
+            help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
+        ),
     ),
     "report": lambda s: _path_args(s, split="data/split/split.json", metrics="metrics/metrics.json"),
 }
 
 
-def configure_process(params: Params) -> None:
-    """Process-wide settings, set once at the entry point: torch threads (only if torch is loaded)."""
-    if params.train.threads and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(params.train.threads)
+TORCH_COMMANDS = {"train", "evaluate", "predict", "flow", "serve", "study"}
+
+
+def configure_process(params: Params, command_name: str) -> None:
+    """Process-wide settings, set once at the entry point: torch threads for commands that train."""
+    if params.train.threads and command_name in TORCH_COMMANDS:
+        import torch
+
+        torch.set_num_threads(params.train.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tilepipe`` console script."""
     args = build_parser().parse_args(argv)
+    # Problems with inputs are reported as one clear line each; library warnings would bury them.
+    warnings.filterwarnings("ignore", module="rasterio")
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     try:
         params = load_params(args.params, args.overrides)
-        configure_process(params)
+        configure_process(params, args.command)
         COMMANDS[args.command][1](params, args)
     except TilepipeError as exc:
         print(f"tilepipe {args.command}: error: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ from torch import nn
 from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
 from stages.errors import TilepipeError
 from stages.fsutil import write_json, write_text
-from stages.loops import pick_device, prepare, predict_batches
+from stages.loops import pick_device, predict_batches, prepare
 from stages.metrics import confusion, majority_baseline, summarize
 from stages.params import Params
 from stages.plots import plot_confusion
@@ -22,7 +22,9 @@ from stages.train import load_model
 PIXEL_SAMPLE_STEP = 8  # segmentation plot data keeps every 8th pixel per axis of each tile
 
 
-def evaluate(params: Params, model_dir: Path, tiles_dir: Path, split_json: Path, out_dir: Path) -> dict[str, Any]:
+def evaluate(
+    params: Params, model_dir: Path, tiles_dir: Path, split_json: Path, out_dir: Path
+) -> dict[str, Any]:
     """Score the best model on the test split; write ``metrics.json``, plot data and a PNG."""
     model, meta = load_model(Path(model_dir) / "model.pt")
     classes, task = meta["classes"], meta["task"]

@@ -25,17 +25,31 @@ from stages.raster_io import (
 )
 
 MAX_PIXELS = 10**12  # beyond this a header is taken to lie about the size
-PREVIEW_PX = 512  # nodata is estimated on a decimated read of at most this many px a side
+SAMPLE_BLOCKS = 256  # nodata is estimated on this many blocks at most
 
 
-def _nodata_fraction(src) -> float:
-    scale = max(src.width, src.height) / PREVIEW_PX
-    shape = (max(1, round(src.height / max(scale, 1))), max(1, round(src.width / max(scale, 1))))
-    valid = src.dataset_mask(out_shape=shape) > 0
-    if np.issubdtype(np.dtype(src.dtypes[0]), np.floating):
-        preview = src.read(out_shape=(src.count, *shape))
-        valid &= np.all(np.isfinite(preview), axis=0)
-    return float(1.0 - valid.mean())
+def _nodata_fraction(src, sample: int | None = None) -> float:
+    """Nodata share estimated on up to SAMPLE_BLOCKS blocks spread evenly over the scene.
+
+    Full-resolution block reads: a decimated read (``out_shape``) of a file without overviews
+    makes GDAL fetch the same blocks over and over and takes a minute per scene.
+    """
+    windows = [w for _, w in src.block_windows(1)]
+    picks = np.unique(
+        np.linspace(0, len(windows) - 1, num=min(len(windows), sample or len(windows))).round().astype(int)
+    )
+    floating = np.issubdtype(np.dtype(src.dtypes[0]), np.floating)
+    invalid = total = 0
+    for i in picks:
+        valid = src.dataset_mask(window=windows[i]) > 0
+        if floating:
+            valid &= np.all(np.isfinite(src.read(window=windows[i])), axis=0)
+        invalid += int(valid.size - valid.sum())
+        total += valid.size
+    fraction = invalid / max(total, 1)
+    if fraction >= 1.0 and len(picks) < len(windows):
+        return _nodata_fraction(src)  # before calling a scene empty, look at every block
+    return fraction
 
 
 def inspect_scene(row: CatalogRow, params: Params) -> dict[str, Any]:
@@ -54,7 +68,7 @@ def inspect_scene(row: CatalogRow, params: Params) -> dict[str, Any]:
         mapping = parse_band_mapping(row.bands, row.image)
         indexes = resolve_bands(src, mapping, params.bands.input)
         try:
-            nodata_fraction = _nodata_fraction(src)
+            nodata_fraction = _nodata_fraction(src, SAMPLE_BLOCKS)
         except RasterioError as exc:
             raise bad_file(row.image, f"cannot read pixels ({str(exc).splitlines()[0]})") from None
         if nodata_fraction >= 1.0:

@@ -15,7 +15,7 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """Four conv blocks with pooling, global average pooling and a linear head."""
+    """Four conv-BN-ReLU blocks with pooling (a fifth conv at the end), global pooling, linear head."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
         super().__init__()
@@ -23,9 +23,9 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         cin = in_channels
         for cout in widths:
-            layers += [_conv_bn(cin, cout), _conv_bn(cout, cout), nn.MaxPool2d(2)]
+            layers += [_conv_bn(cin, cout), nn.MaxPool2d(2)]
             cin = cout
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers, _conv_bn(cin, cin))
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

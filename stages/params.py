@@ -169,6 +169,26 @@ class EvaluateParams(Section):
     min_test_tiles: int = Field(default=50, ge=1)
 
 
+class PredictParams(Section):
+    """Sliding-window prediction of whole scenes."""
+
+    window: int = Field(default=256, ge=8, le=8192)
+    margin: int = Field(default=48, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> PredictParams:
+        if 2 * self.margin >= self.window:
+            raise ValueError("margin must be less than half the window")
+        return self
+
+
+class ScheduleParams(Section):
+    """When the served "nightly" Prefect deployment runs (cron, UTC)."""
+
+    cron: str = "0 2 * * *"
+
+
 class TrackParams(Section):
     """MLflow experiment, registered model name and the metric that crowns a champion."""
 
@@ -189,7 +209,9 @@ class Params(Section):
     split: SplitParams
     train: TrainParams
     evaluate: EvaluateParams
+    predict: PredictParams
     track: TrackParams
+    schedule: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
     def _unet_tile_size(self) -> Params:

@@ -45,7 +45,10 @@ def _git(*args: str) -> str:
 
 def lineage_tags(split_json: Path) -> dict[str, str]:
     """Git commit and dirty flag, DVC hashes of the tile and split outputs, scenes per split."""
-    tags = {"git_commit": _git("rev-parse", "HEAD") or "unknown", "git_dirty": str(bool(_git("status", "--porcelain")))}
+    tags = {
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": str(bool(_git("status", "--porcelain"))),
+    }
     lock = Path("dvc.lock")
     if lock.is_file():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
@@ -83,7 +86,6 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
 
 def log_trained_model(model_dir: Path) -> dict[str, str]:
     """Log the training artifacts and the best model (with signature and input example)."""
-    mlflow = _mlflow()
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
@@ -99,6 +101,7 @@ def log_trained_model(model_dir: Path) -> dict[str, str]:
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.log_dict(meta, "model_meta.json")
+    mlflow = _mlflow()
     info = mlflow.pytorch.log_model(
         model,
         name="model",
@@ -132,7 +135,9 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
                 mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
 
 
-def register(run: dict[str, str], metrics: dict[str, Any], params: Params, split_json: Path) -> dict[str, Any]:
+def register(
+    run: dict[str, str], metrics: dict[str, Any], params: Params, split_json: Path
+) -> dict[str, Any]:
     """Register the run's model; move ``champion`` only if it beats the champion on this test split."""
     mlflow = _mlflow()
     from mlflow import MlflowClient

@@ -106,8 +106,10 @@ def model_meta(params: Params, stats: dict, tile_size: int, epoch: int, metrics:
 
 def save_model(path: Path, model: Normalized, meta: dict) -> None:
     """Write a model (state dict + JSON-able meta) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    # Through a file handle: torch names the archive's inner folder after a path, which would
+    # make the bytes depend on the random temp name.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, fh)
 
 
 def load_model(path: Path) -> tuple[Normalized, dict]:
@@ -145,7 +147,9 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     train_data = TileBatches(stores, refs["train"], tp.task, augment=tp.augment)
     loader = make_loader(train_data, tp.batch_size, params.seed, True, tp.workers)
-    val_loader = make_loader(TileBatches(stores, refs["val"], tp.task), params.evaluate.batch_size, 0, False, 0)
+    val_loader = make_loader(
+        TileBatches(stores, refs["val"], tp.task), params.evaluate.batch_size, 0, False, 0
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.pt"
@@ -225,8 +229,8 @@ def _checkpoint(path: Path, key: str, model, optimizer, scheduler, state: dict) 
         "torch_rng": torch.get_rng_state(),
         "state": json.dumps(state),
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(blob, fh)
 
 
 def _finish(params: Params, out_dir: Path, state: dict, refs, counts, stopped_early: bool) -> dict:

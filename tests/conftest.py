@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,23 @@ def scenes(tmp_path: Path) -> Path:
         paths = write_scene(tmp_path, f"s{i}", seed=i, crs=crs)
         rows.append({"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name})
     return write_catalog(tmp_path, rows)
+
+
+# Pipeline outputs and local state never belong in a copy of the repository's sources.
+NOT_SOURCES = ("data/", "models/", "metrics/", "dvc-remote/", "mlflow.db", "benchmarks/.work/")
+
+
+def copy_repo(dest: Path) -> None:
+    """Copy the sources git would see (tracked and untracked, not ignored), minus pipeline outputs."""
+    names = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in names:
+        if name.startswith(NOT_SOURCES) or not (ROOT / name).is_file():
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)

@@ -1,7 +1,6 @@
 """End to end: `dvc repro` on a copy of the repository with tiny params, then push and pull."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import copy_repo
 
 BIN = Path(sys.executable).parent
 TINY = {
@@ -27,19 +26,6 @@ def _run(args, cwd, env, check=True):
     return result
 
 
-def _copy_repo(dest: Path) -> None:
-    """Copy what git would see (tracked and untracked, not ignored): the working tree as it is."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True,
-        text=True, check=True,
-    ).stdout.split("\n")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
 def _merge(raw: dict, changes: dict) -> dict:
     for key, value in changes.items():
         raw[key] = _merge(raw.get(key, {}), value) if isinstance(value, dict) else value
@@ -50,15 +36,17 @@ def _merge(raw: dict, changes: dict) -> dict:
 def test_dvc_repro_is_complete_idempotent_and_restorable(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
     }
     git = ["git", "-c", "init.defaultBranch=main"]
     _run([*git, "init", "-q"], repo, env)

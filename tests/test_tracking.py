@@ -15,13 +15,28 @@ def _cli(tmp_path, command, *args, extra=()):
 
 
 def _paths(tmp_path, models):
-    return ["--tiles", str(tmp_path / "tiles"), "--split", str(tmp_path / "split.json"), "--out", str(tmp_path / models)]
+    return [
+        "--tiles",
+        str(tmp_path / "tiles"),
+        "--split",
+        str(tmp_path / "split.json"),
+        "--out",
+        str(tmp_path / models),
+    ]
 
 
 def _evaluate(tmp_path, models):
     return _cli(
-        tmp_path, "evaluate", "--model-dir", str(tmp_path / models), "--tiles", str(tmp_path / "tiles"),
-        "--split", str(tmp_path / "split.json"), "--out", str(tmp_path / f"metrics-{models}"),
+        tmp_path,
+        "evaluate",
+        "--model-dir",
+        str(tmp_path / models),
+        "--tiles",
+        str(tmp_path / "tiles"),
+        "--split",
+        str(tmp_path / "split.json"),
+        "--out",
+        str(tmp_path / f"metrics-{models}"),
     )
 
 
@@ -32,7 +47,15 @@ def test_run_has_one_point_per_epoch_and_champion_only_moves_up(prepared, monkey
     assert _cli(tmp_path, "train", *_paths(tmp_path, "good"), extra=["train.epochs=4"]) == 0
     run = json.loads((tmp_path / "good" / "run.json").read_text())
     client = MlflowClient()
-    for metric in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "epoch_seconds", "tiles_per_second"):
+    for metric in (
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_macro_f1",
+        "lr",
+        "epoch_seconds",
+        "tiles_per_second",
+    ):
         history = client.get_metric_history(run["run_id"], metric)
         assert [m.step for m in history] == [1, 2, 3, 4], metric
     tags = client.get_run(run["run_id"]).data.tags

@@ -19,7 +19,9 @@ def prepared(tmp_path):
     rows = []
     for i, name in enumerate(["train", "train", "val", "test", "test"]):
         paths = write_scene(tmp_path, f"s{i}", seed=i)
-        rows.append({"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name})
+        rows.append(
+            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
+        )
     catalog = write_catalog(tmp_path, rows)
     params = tiny_params(tmp_path, *TRAIN)
     ingest(params, catalog, tmp_path / "scenes.json")

@@ -1,0 +1,129 @@
+"""Shared benchmark helpers: big test scenes written by windows, peak RSS of a child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+WORK = Path(__file__).resolve().parent / ".work"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_scene(path: Path, size: int, bands: int = 3, seed: int = 0, block: int = 512) -> Path:
+    """A size x size uint8 scene (tiled, DEFLATE) with smooth structure and noise, written by strips."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.tif")
+    profile = {
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": bands,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": from_origin(500000, 5000000, 1.0, 1.0),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+        "NUM_THREADS": "ALL_CPUS",
+    }
+    rng = np.random.default_rng(seed)
+    x = np.arange(size, dtype=np.float32)
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for b in range(bands):
+            dst.set_band_description(b + 1, ("red", "green", "blue", "nir")[b])
+        for row in range(0, size, block):
+            h = min(block, size - row)
+            y = np.arange(row, row + h, dtype=np.float32)[:, None]
+            base = 120 + 60 * np.sin(x[None, :] / 97.0) * np.cos(y / 131.0)
+            strip = np.empty((bands, h, size), dtype=np.uint8)
+            for b in range(bands):
+                noise = rng.integers(0, 24, size=(h, size), dtype=np.uint8)
+                strip[b] = np.clip(base + 10 * b, 1, 230).astype(np.uint8) + noise
+            dst.write(strip, window=Window(0, row, size, h))
+    tmp.rename(path)
+    return path
+
+
+def make_labels(path: Path, size: int, factor: int = 4) -> Path:
+    """A coarser label raster (class values 1..5 in bands of columns) covering a scene."""
+    if path.is_file():
+        return path
+    n = size // factor
+    cls = ((np.arange(n)[None, :] * 5 // n) + 1).astype(np.uint8).repeat(n, axis=0)
+    profile = {
+        "driver": "GTiff",
+        "width": n,
+        "height": n,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": from_origin(500000, 5000000, float(factor), float(factor)),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(cls[None])
+    return path
+
+
+def run_measured(code: str, env: dict | None = None) -> tuple[float, float, str]:
+    """Run python code in a fresh process; returns (wall seconds, peak RSS in MB, stdout)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        text=True,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    out, err = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"benchmark child failed:\n{out}\n{err}")
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+def machine() -> dict:
+    """Cores, memory and library versions, recorded beside every figure."""
+    import mlflow
+    import prefect
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "numpy": np.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "torch": torch.__version__,
+        "mlflow": mlflow.__version__,
+        "prefect": prefect.__version__,
+    }
+
+
+def save(results: dict, path: Path) -> None:
+    """Write results.json."""
+    path.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,86 @@
+"""Tiling throughput against a bare read of every block, and its parallel speed-up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from benchmarks.common import WORK, make_labels, make_scene, run_measured
+
+SIZE = 16384
+
+RAW = """
+import time, rasterio
+from stages.raster_io import gdal_env
+with gdal_env(64), rasterio.open({path!r}) as src:
+    t = time.perf_counter()
+    for _, w in src.block_windows(1):
+        src.read(window=w)
+    print(time.perf_counter() - t)
+"""
+
+TILE = """
+import time
+from pathlib import Path
+from stages.params import load_params
+from stages.tile import tile
+params = load_params("params.yaml", {sets!r})
+t = time.perf_counter()
+tile(params, Path({scenes!r}), Path({out!r}))
+print(time.perf_counter() - t)
+"""
+
+
+def _catalog(folder: Path, names: list[str]) -> Path:
+    """Ingest the bench scenes (not timed) and return scenes.json."""
+    lines = ["scene_id,image,labels"] + [f"{n},{n}.tif,{n}_labels.tif" for n in names]
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    scenes = folder / f"scenes-{'-'.join(names)}.json"
+    if not scenes.is_file():
+        catalog = str(folder / "catalog.csv")
+        run_measured(
+            "from pathlib import Path\nfrom stages.params import load_params\n"
+            "from stages.ingest import ingest\n"
+            f"ingest(load_params('params.yaml'), Path({catalog!r}), Path({str(scenes)!r}))"
+        )
+    return scenes
+
+
+def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    sets = [f"tile.workers={workers}"]
+    wall, rss, stdout = run_measured(TILE.format(sets=sets, scenes=str(scenes), out=str(out)))
+    shutil.rmtree(out, ignore_errors=True)
+    return float(stdout.strip().splitlines()[-1]), rss
+
+
+def run() -> dict:
+    """MB/s of raw block reads vs `tilepipe tile` on one 16k scene; 1 vs 2 workers on 2 scenes."""
+    folder = WORK / "tiling"
+    for name, seed in (("a", 0), ("b", 1)):
+        make_scene(folder / f"{name}.tif", SIZE, seed=seed)
+        make_labels(folder / f"{name}_labels.tif", SIZE)
+    megabytes = SIZE * SIZE * 3 / 1e6
+    raw_s = float(run_measured(RAW.format(path=str(folder / "a.tif")))[2].strip())
+    one = _catalog(folder, ["a"])
+    tile_s, tile_rss = _tile(one, folder / "tiles", 1)
+    two = _catalog(folder, ["a", "b"])
+    serial_s, _ = _tile(two, folder / "tiles", 1)
+    parallel_s, parallel_rss = _tile(two, folder / "tiles", 2)
+    return {
+        "scene_px": SIZE,
+        "raw_read_mb_s": round(megabytes / raw_s, 1),
+        "tile_1_worker_mb_s": round(megabytes / tile_s, 1),
+        "tile_vs_raw_ratio": round(raw_s / tile_s, 3),
+        "tile_1_worker_peak_rss_mb": round(tile_rss, 1),
+        "two_scenes_1_worker_s": round(serial_s, 2),
+        "two_scenes_2_workers_s": round(parallel_s, 2),
+        "two_workers_speedup": round(serial_s / parallel_s, 3),
+        "two_workers_parent_peak_rss_mb": round(parallel_rss, 1),
+        "targets": {"tile_vs_raw_ratio": ">= 0.7", "two_workers_speedup": ">= 1.7"},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))

@@ -1,0 +1,173 @@
+"""The pipeline as a Prefect flow: the stage functions and paths of dvc.yaml, one task per step."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from prefect import State, Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+from rasterio.errors import RasterioError
+
+from flows import dvc_cli
+from flows.report import publish_metrics
+from flows.settings import prefect_settings
+from stages.errors import TilepipeError
+from stages.ingest import ingest
+from stages.params import Params, load_params
+from stages.split import split
+from stages.synthesize import synthesize
+from stages.tile import plan, prune_stale, tile_scene, write_summary
+from stages.tracking import register_trained, tracked_evaluate, tracked_train
+
+SYNTHETIC, SCENES, TILES = Path("data/synthetic"), Path("data/ingest/scenes.json"), Path("data/tiles")
+SPLIT, MODELS, METRICS = Path("data/split/split.json"), Path("models"), Path("metrics")
+BACKOFF = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s between the 3 retries of a tile task
+step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incremental by fingerprint
+
+
+def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry condition: transient I/O errors (OSError, RasterioError), never bad input (TilepipeError)."""
+    try:
+        state.result()
+    except TilepipeError:
+        return False
+    except (OSError, RasterioError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a bug, and a retry would only repeat it
+        return False
+    return False
+
+
+@step(name="synthesize")
+def synthesize_task(params: Params) -> Path:
+    """Write the built-in synthetic scenes and their catalog to data/synthetic."""
+    synthesize(params.synthesize, params.data, SYNTHETIC)
+    return SYNTHETIC
+
+
+@step(name="ingest")
+def ingest_task(params: Params, catalog: Path) -> Path:
+    """Validate the catalog's scenes into data/ingest/scenes.json."""
+    ingest(params, catalog, SCENES)
+    return SCENES
+
+
+@step(name="plan-tiles")
+def plan_task(params: Params, scenes_json: Path) -> list[dict[str, Any]]:
+    """Drop tiles of scenes gone from the catalog; return the scenes whose tiles are missing or stale."""
+    scenes = json.loads(scenes_json.read_text())["scenes"]
+    TILES.mkdir(parents=True, exist_ok=True)
+    prune_stale(scenes, TILES)
+    return plan(scenes, params, TILES)  # per scene: is_current(TILES / id, fingerprint(scene, params))
+
+
+@step(name="tile", retries=3, retry_delay_seconds=BACKOFF, retry_condition_fn=is_transient)
+def tile_task(scene: dict[str, Any], params: Params) -> Path:
+    """Tile one scene into data/tiles/<scene_id>."""
+    tile_scene(scene, params, TILES / scene["scene_id"])
+    return TILES / scene["scene_id"]
+
+
+@step(name="summarize-tiles")
+def summary_task(scenes_json: Path, tiled: list[Path]) -> Path:
+    """Write data/tiles/summary.json once every scene is tiled."""
+    write_summary(json.loads(scenes_json.read_text())["scenes"], TILES)
+    return TILES
+
+
+@step(name="split")
+def split_task(params: Params, scenes_json: Path, tiles: Path) -> Path:
+    """Assign whole scenes to train / val / test in data/split/split.json."""
+    split(params, scenes_json, tiles, SPLIT)
+    return SPLIT
+
+
+@step(name="train")
+def train_task(params: Params, tiles: Path, split_json: Path) -> Path:
+    """Train in an MLflow run into models/, each epoch also logged to the Prefect logs."""
+    tracked_train(params, tiles, split_json, MODELS, on_epoch=log_epoch)
+    return MODELS
+
+
+@step(name="evaluate")
+def evaluate_task(params: Params, model_dir: Path, tiles: Path, split_json: Path) -> Path:
+    """Score the model on the test scenes into metrics/ and log them to the MLflow run."""
+    tracked_evaluate(params, model_dir, tiles, split_json, METRICS)
+    return METRICS
+
+
+@step(name="register")
+def register_task(params: Params, model_dir: Path, metrics_dir: Path, split_json: Path) -> dict[str, Any]:
+    """Register the model in MLflow; it becomes champion only if it beats the champion."""
+    return register_trained(params, model_dir, metrics_dir, split_json)
+
+
+@step(name="dvc-commit")
+def dvc_commit_task(stages: list[str]) -> str:
+    """Record the outputs of the stages this run wrote in dvc.lock."""
+    return dvc_cli.commit(stages)
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    """``on_epoch`` callback of training: one line per epoch in the Prefect logs."""
+    get_run_logger().info(
+        "epoch %d: val_macro_f1 %.3f, val_accuracy %.3f, val_loss %.4f, train_loss %.4f, %.1f s, %.0f tile/s",
+        epoch, metrics["val_macro_f1"], metrics["val_accuracy"], metrics["val_loss"], metrics["train_loss"],
+        metrics["epoch_seconds"], metrics["tiles_per_second"],
+    )  # fmt: skip
+
+
+def needs_synthesis(params: Params) -> bool:
+    """True for the built-in catalog (data/synthetic, as in dvc.yaml) unless DVC says it is current."""
+    builtin = params.data.catalog.resolve().parent == SYNTHETIC.resolve()
+    return builtin and not dvc_cli.synthesis_is_current(params)
+
+
+def tile_all(params: Params, todo: list[dict[str, Any]]) -> list[Path]:
+    """One tile task per scene, at most ``tile.workers`` at a time; raises if any scene failed."""
+    if not todo:
+        return []
+    with ThreadPoolTaskRunner(max_workers=params.tile.workers) as runner:
+        futures = []
+        for scene in todo:
+            named = tile_task.with_options(task_run_name=f"tile-{scene['scene_id']}")
+            futures.append(runner.submit(named, {"scene": scene, "params": params}))
+        wait(futures)  # every scene finishes (or fails) before the first failure is raised
+        return [f.result() for f in futures]
+
+
+@flow(name="tilepipe", log_prints=True)
+def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run synthesize (built-in data) -> ingest -> tile -> split -> train -> evaluate -> register."""
+    params = load_params(params_path, overrides)  # bad values fail the run at once, naming the key
+    log, ran = get_run_logger(), ["ingest", "tile", "split", "train", "evaluate"]
+    if needs_synthesis(params):
+        synthesize_task(params)
+        ran.insert(0, "synthesize")
+    scenes = ingest_task(params, params.data.catalog)
+    todo = plan_task(params, scenes)
+    log.info("tile: %d scene(s) to tile: %s", len(todo), " ".join(s["scene_id"] for s in todo) or "none")
+    tiles = summary_task(scenes, tile_all(params, todo))
+    split_json = split_task(params, scenes, tiles)
+    model_dir = train_task(params, tiles, split_json)
+    metrics_dir = evaluate_task(params, model_dir, tiles, split_json)
+    registered = register_task(params, model_dir, metrics_dir, split_json)
+    summary = publish_metrics(model_dir, metrics_dir, registered)
+    if reason := dvc_cli.why_not_commit(params):
+        (log.warning if dvc_cli.is_repo() else log.info)("dvc.lock not updated: %s", reason)
+    else:
+        dvc_commit_task(ran)
+    return {**summary, "tiled": [s["scene_id"] for s in todo]}
+
+
+def run_pipeline(params_path: Path | str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Run the pipeline flow once in this process (``tilepipe flow``)."""
+    with prefect_settings():
+        return pipeline(str(params_path), list(overrides or []))

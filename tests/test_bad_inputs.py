@@ -1,0 +1,262 @@
+"""A corpus of bad inputs, made here, each run through the `tilepipe` CLI."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.warp import transform_geom
+
+from tests.conftest import ROOT, tiny_overrides, write_catalog, write_geojson, write_raster, write_scene
+
+TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
+ORIGIN = (500000.0, 4000000.0)
+SQUARE = {
+    "type": "Polygon",
+    "coordinates": [
+        [
+            (ORIGIN[0] + 4, ORIGIN[1] - 4),
+            (ORIGIN[0] + 40, ORIGIN[1] - 4),
+            (ORIGIN[0] + 40, ORIGIN[1] - 40),
+            (ORIGIN[0] + 4, ORIGIN[1] - 40),
+            (ORIGIN[0] + 4, ORIGIN[1] - 4),
+        ]
+    ],
+}
+
+
+def _image(folder: Path, name="img.tif", **kw) -> Path:
+    data = kw.pop("data", np.full((3, 64, 64), 90, dtype=np.uint8))
+    kw.setdefault("descriptions", ["red", "green", "blue"])
+    return write_raster(folder / name, data, kw.pop("crs", "EPSG:32633"), from_origin(*ORIGIN, 1, 1), **kw)
+
+
+def _labels(folder: Path, name="labels.tif", value=2, **kw) -> Path:
+    data = np.full((64, 64), value, dtype=np.uint8)
+    return write_raster(folder / name, data, "EPSG:32633", kw.pop("transform", from_origin(*ORIGIN, 1, 1)))
+
+
+def _patch_tiff_size(path: Path, width: int, height: int) -> None:
+    """Rewrite the ImageWidth / ImageLength tags of a classic little-endian TIFF in place."""
+    raw = bytearray(path.read_bytes())
+    assert raw[:4] == b"II*\x00"
+    (ifd,) = struct.unpack_from("<I", raw, 4)
+    (count,) = struct.unpack_from("<H", raw, ifd)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        tag, kind = struct.unpack_from("<HH", raw, entry)
+        if tag in (256, 257):
+            value = width if tag == 256 else height
+            struct.pack_into("<HHII", raw, entry, tag, 4, 1, value)
+    path.write_bytes(bytes(raw))
+
+
+def case_empty_file(d):
+    (d / "img.tif").write_bytes(b"")
+    return "img.tif", _labels(d).name, "file is empty"
+
+
+def case_truncated_tiff(d):
+    img = _image(d, data=np.random.default_rng(0).integers(1, 255, (3, 64, 64), dtype=np.uint8))
+    img.write_bytes(img.read_bytes()[:600])
+    return img.name, _labels(d).name, "img.tif"
+
+
+def case_text_named_tif(d):
+    (d / "img.tif").write_text("this is not an image\n")
+    return "img.tif", _labels(d).name, "not a readable raster"
+
+
+def case_no_crs(d):
+    return _image(d, crs=None).name, _labels(d).name, "has no CRS"
+
+
+def case_no_geotransform(d):
+    path = d / "img.tif"
+    profile = {
+        "driver": "GTiff",
+        "width": 64,
+        "height": 64,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.full((3, 64, 64), 90, dtype=np.uint8))
+    return path.name, _labels(d).name, "has no geotransform"
+
+
+def case_labels_elsewhere(d):
+    far = from_origin(ORIGIN[0] + 10_000, ORIGIN[1], 1, 1)
+    return _image(d).name, _labels(d, transform=far).name, "do not overlap"
+
+
+def case_unknown_label_values(d):
+    return _image(d).name, _labels(d, value=9).name, "label values [9] are not classes"
+
+
+def case_invalid_geometry(d):
+    bowtie = {"type": "Polygon", "coordinates": [[(0, 0), (10, 10), (10, 0), (0, 10), (0, 0)]]}
+    return (
+        _image(d).name,
+        write_geojson(d / "l.geojson", [(bowtie, "forest")], crs="EPSG:32633").name,
+        "invalid geometry",
+    )
+
+
+def case_geojson_without_class(d):
+    path = d / "l.geojson"
+    path.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [{"type": "Feature", "properties": {"kind": "forest"}, "geometry": SQUARE}],
+            }
+        )
+    )
+    return _image(d).name, path.name, "no `class` attribute"
+
+
+def case_geojson_empty(d):
+    return _image(d).name, write_geojson(d / "l.geojson", []).name, "holds no features"
+
+
+def case_geojson_unknown_class(d):
+    return _image(d).name, write_geojson(d / "l.geojson", [(SQUARE, "lava")], crs="EPSG:32633").name, "'lava'"
+
+
+def case_all_nodata(d):
+    return (
+        _image(d, data=np.zeros((3, 64, 64), dtype=np.uint8), nodata=0).name,
+        _labels(d).name,
+        "every pixel is nodata",
+    )
+
+
+def case_nan_float(d):
+    data = np.full((3, 64, 64), np.nan, dtype=np.float32)
+    return _image(d, data=data).name, _labels(d).name, "every pixel is nodata"
+
+
+def case_absurd_dimensions(d):
+    img = _image(d)
+    _patch_tiff_size(img, 3_000_000, 3_000_000)
+    return img.name, _labels(d).name, "img.tif"
+
+
+def case_missing_band(d):
+    pan = _image(d, data=np.full((1, 64, 64), 900, dtype=np.uint16), descriptions=["pan"])
+    return pan.name, _labels(d).name, "lacks band(s) red, green, blue"
+
+
+def case_unnamed_bands(d):
+    return _image(d, descriptions=[]).name, _labels(d).name, "carry no names"
+
+
+def case_missing_image_file(d):
+    return "nope.tif", _labels(d).name, "file not found"
+
+
+def case_missing_label_file(d):
+    return _image(d).name, "nope.geojson", "label file not found"
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def _ingest(tmp_path, catalog, *extra):
+    sets = [x for o in tiny_overrides(tmp_path) for x in ("--set", o)]
+    out = tmp_path / "out" / "scenes.json"
+    cmd = [
+        TILEPIPE,
+        "ingest",
+        "--params",
+        str(ROOT / "params.yaml"),
+        *sets,
+        "--catalog",
+        str(catalog),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120), out
+
+
+def _assert_one_line_error(result, out, *needles):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists(), "no partial output"
+    assert not list(out.parent.glob("*.tmp")) if out.parent.exists() else True
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_scene_is_one_clear_line(tmp_path, case):
+    image, labels, message = CASES[case](tmp_path)
+    catalog = write_catalog(tmp_path, [{"scene_id": "a", "image": image, "labels": labels}])
+    result, out = _ingest(tmp_path, catalog)
+    named = (
+        labels
+        if "label" in message
+        or "overlap" in message
+        or "class" in message
+        or "geometr" in message
+        or "features" in message
+        or "lava" in message
+        else image
+    )
+    _assert_one_line_error(result, out, message, named)
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "message"),
+    [
+        ("scene_id,image", ["a,img.tif"], "lacks column(s) labels"),
+        ("scene_id,image,labels", ["a,img.tif,labels.tif", "a,img.tif,labels.tif"], "duplicate scene_id 'a'"),
+        ("scene_id,image,labels,split", ["a,img.tif,labels.tif,holdout"], "split 'holdout'"),
+        ("scene_id,image,labels", [], "lists no scenes"),
+    ],
+)
+def test_bad_catalog_is_one_clear_line(tmp_path, header, rows, message):
+    _image(tmp_path)
+    _labels(tmp_path)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("\n".join([header, *rows]) + "\n")
+    result, out = _ingest(tmp_path, catalog)
+    _assert_one_line_error(result, out, message, "catalog.csv")
+
+
+def test_skip_mode_warns_and_keeps_good_scenes(tmp_path):
+    good = write_scene(tmp_path, "good")
+    (tmp_path / "bad.tif").write_text("not a tiff")
+    catalog = write_catalog(
+        tmp_path,
+        [
+            {"scene_id": "good", "image": good["image"].name, "labels": good["labels"].name},
+            {"scene_id": "bad", "image": "bad.tif", "labels": good["labels"].name},
+        ],
+    )
+    result, out = _ingest(tmp_path, catalog, "--set", "ingest.on_error=skip")
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipping scene bad" in result.stderr and "bad.tif" in result.stderr
+    assert [s["scene_id"] for s in json.loads(out.read_text())["scenes"]] == ["good"]
+
+
+def test_geojson_in_another_crs_is_reprojected(tmp_path):
+    image = _image(tmp_path)
+    lonlat = transform_geom("EPSG:32633", "EPSG:4326", SQUARE)
+    labels = write_geojson(tmp_path / "l.geojson", [(lonlat, "urban")])
+    catalog = write_catalog(tmp_path, [{"scene_id": "a", "image": image.name, "labels": labels.name}])
+    result, out = _ingest(tmp_path, catalog)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["scenes"][0]["labels_kind"] == "geojson"
