@@ -1,0 +1,205 @@
+"""Sliding-window inference over a whole scene in strips, with a rolling accumulator.
+
+Both generators read the scene one strip of window rows at a time and yield finished output
+rows as soon as no later window can touch them, so memory grows with the scene's width and
+the window size, never with its area.
+
+* Segmentation (U-Net): windows on a lattice of multiples of 8 px (the U-Net's three 2x2
+  max-pools then see the same partitions as a pass over the whole scene), the last window
+  clamped to the far edge. Each window's softmax is blended with weight 1 in its core and 0
+  in a ``margin`` band along its inner edges, so with ``margin`` at least the receptive-field
+  radius the map equals one forward pass over the whole scene (for models.UNet on the 8 px
+  lattice: :data:`UNET_EXACT_MARGIN`).
+* Classification (tile classifier): output cells of ``tile_size // 2`` px; a tile-sized window
+  at every cell position, its softmax added to the 2 x 2 cells it covers, then averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+from torch import nn
+
+NODATA = 255  # class value of nodata pixels / cells in predicted maps
+ALIGN = 8  # the U-Net pools three times by 2
+# models.UNet (any width): an output pixel depends on input pixels up to 51 px away. With windows on
+# the 8 px lattice the reach depends on a pixel's phase mod 8, and a margin of 46 px already keeps
+# every core pixel's inputs inside its window. Both are measured in tests/test_predict.py.
+UNET_RECEPTIVE_RADIUS = 51
+UNET_EXACT_MARGIN = 46
+
+Reader = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (float32 bands in [0, 1], valid)
+
+
+@dataclass(frozen=True)
+class Strip:
+    """Finished output rows: ``classes`` (rows, width) uint8 and ``probs`` (classes, rows, width)."""
+
+    row: int
+    classes: np.ndarray
+    probs: np.ndarray
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def axis_positions(length: int, size: int, stride: int, align: int = ALIGN) -> list[int]:
+    """Window starts along one axis: multiples of ``stride`` (itself aligned), the last at the far edge.
+
+    ``size`` is a multiple of ``align``; the last start is ``ceil(length, align) - size``, so it is
+    aligned too and the window reaches the edge (with less than ``align`` px of padding).
+    """
+    last = max(ceil_to(length, align) - size, 0)
+    positions = list(range(0, last, stride))
+    return [*positions, last]
+
+
+def axis_weights(size: int, margin: int, first: bool, last: bool) -> np.ndarray:
+    """1 in the core, 0 in the ``margin`` band of each inner edge (an edge not on the scene border)."""
+    weight = np.ones(size, dtype=np.float32)
+    if not first:
+        weight[:margin] = 0
+    if not last:
+        weight[size - margin :] = 0
+    return weight
+
+
+def _softmax_batches(model: nn.Module, tiles: list[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Softmax of the model over tiles, ``batch_size`` at a time, as float32 numpy."""
+    for start in range(0, len(tiles), batch_size):
+        batch = torch.from_numpy(np.stack(tiles[start : start + batch_size]))
+        with torch.no_grad():
+            logits = model(batch).float()
+            del batch
+            yield torch.softmax(logits, dim=1, out=logits).numpy()
+
+
+def _finish(acc: np.ndarray, weight: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average the accumulated probabilities; argmax, NODATA where invalid or never predicted."""
+    ok = valid & (weight > 0)
+    probs = np.divide(acc, np.where(ok, weight, 1))
+    classes = probs.argmax(axis=0).astype(np.uint8)
+    classes[~ok] = NODATA
+    probs[:, ~ok] = 0
+    return classes, probs
+
+
+def segment_plan(height: int, width: int, window: int, margin: int) -> tuple[int, int, list[int], list[int]]:
+    """(window rows, window cols, row starts, column starts) of the U-Net's windows over a grid."""
+    wh, ww = min(window, ceil_to(height, ALIGN)), min(window, ceil_to(width, ALIGN))
+    stride = (window - 2 * margin) // ALIGN * ALIGN
+    if stride < ALIGN:
+        raise ValueError(f"window {window} - 2 x margin {margin} leaves a stride under {ALIGN} px")
+    return wh, ww, axis_positions(height, wh, stride), axis_positions(width, ww, stride)
+
+
+def segment_strips(
+    model: nn.Module,
+    read: Reader,
+    height: int,
+    width: int,
+    n_classes: int,
+    window: int,
+    margin: int,
+    batch_size: int,
+    progress: Callable[[int], object] = lambda n: None,
+) -> Iterator[Strip]:
+    """Blend U-Net windows over a ``height`` x ``width`` grid; yield finished rows top to bottom."""
+    wh, ww, rows, cols = segment_plan(height, width, window, margin)
+    span = cols[-1] + ww
+    acc = np.zeros((n_classes, wh, span), dtype=np.float32)
+    weight = np.zeros((wh, span), dtype=np.float32)
+    valid = np.zeros((wh, span), dtype=bool)
+    col_weights = [axis_weights(ww, margin, i == 0, i == len(cols) - 1) for i in range(len(cols))]
+    top = 0
+    for r, y in enumerate(rows):
+        if y > top:  # rows above y are final: no later window reaches them
+            yield from _emit_rows(acc, weight, valid, top, y - top, height, width)
+            _roll(y - top, acc, weight, valid)
+            top = y
+        image, ok = read(Window(0, y, span, wh))
+        valid[:] = ok  # the strip's rows hold the same pixels whichever strip read them
+        row_weight = axis_weights(wh, margin, r == 0, r == len(rows) - 1)
+        todo = [i for i, x in enumerate(cols) if ok[:, x : x + ww].any()]
+        progress(len(cols) - len(todo))
+        tiles = [image[:, :, cols[i] : cols[i] + ww] for i in todo]
+        done, probs = 0, None
+        for probs in _softmax_batches(model, tiles, batch_size):
+            for p in probs:
+                i = todo[done]
+                x, w2d = cols[i], row_weight[:, None] * col_weights[i][None, :]
+                acc[:, :, x : x + ww] += p * w2d
+                weight[:, x : x + ww] += w2d
+                done += 1
+            progress(len(probs))
+        del image, tiles, probs  # before the next rows are emitted and the next strip is read
+    yield from _emit_rows(acc, weight, valid, top, wh, height, width)
+
+
+def _emit_rows(acc, weight, valid, top: int, count: int, height: int, width: int) -> Iterator[Strip]:
+    count = min(count, height - top)
+    if count <= 0:
+        return
+    classes, probs = _finish(acc[:, :count, :width], weight[:count, :width], valid[:count, :width])
+    yield Strip(top, classes, probs)
+
+
+def _roll(shift: int, *buffers: np.ndarray) -> None:
+    """Move each buffer's rows up by ``shift`` (the row axis is the second to last) and clear the tail."""
+    for buf in buffers:
+        keep = buf.shape[-2] - shift
+        buf[..., :keep, :] = buf[..., shift:, :]
+        buf[..., keep:, :] = 0
+
+
+def cell_grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int, int]:
+    """(cell size in px, cell rows, cell columns) of a classification map; cells are tile_size // 2."""
+    cell = max(tile_size // 2, 1)
+    return cell, math.ceil(height / cell), math.ceil(width / cell)
+
+
+def classify_strips(
+    model: nn.Module,
+    read: Reader,
+    height: int,
+    width: int,
+    n_classes: int,
+    tile_size: int,
+    batch_size: int,
+    progress: Callable[[int], object] = lambda n: None,
+) -> Iterator[Strip]:
+    """Tile-classifier windows at every cell position; yield finished cell rows top to bottom."""
+    cell, n_rows, n_cols = cell_grid_shape(height, width, tile_size)
+    w_rows, w_cols = max(n_rows - 1, 1), max(n_cols - 1, 1)
+    span = max((w_cols - 1) * cell + tile_size, n_cols * cell)
+    acc = np.zeros((n_classes, 2, n_cols + 1), dtype=np.float32)
+    count = np.zeros((2, n_cols + 1), dtype=np.float32)
+    for i in range(w_rows):
+        image, ok = read(Window(0, i * cell, span, max(tile_size, 2 * cell)))
+        todo = [j for j in range(w_cols) if ok[:tile_size, j * cell : j * cell + tile_size].any()]
+        progress(w_cols - len(todo))
+        tiles = [image[:, :tile_size, j * cell : j * cell + tile_size] for j in todo]
+        done = 0
+        for probs in _softmax_batches(model, tiles, batch_size):
+            cols = np.asarray(todo[done : done + len(probs)])
+            for dy in (0, 1):
+                for dx in (0, 1):  # columns within a batch are distinct, so fancy += is safe
+                    acc[:, dy, cols + dx] += probs.T
+                    count[dy, cols + dx] += 1
+            done += len(probs)
+            progress(len(probs))
+        last = i == w_rows - 1
+        for dy in (0, 1) if last else (0,):
+            if i + dy < n_rows:
+                frac = ok[dy * cell : (dy + 1) * cell, : n_cols * cell]
+                frac = frac.reshape(cell, n_cols, cell).mean(axis=(0, 2))
+                classes, probs_out = _finish(acc[:, dy, :n_cols], count[dy, :n_cols], frac >= 0.5)
+                yield Strip(i + dy, classes[None], probs_out[:, None])
+        _roll(1, acc, count)

@@ -1,0 +1,148 @@
+"""Scene-level evaluation: map each whole test scene and score the map against its labels.
+
+Tile metrics (stages/evaluate.py) score tiles cut on the tile grid; this scores what a user
+gets from ``tilepipe predict``: the blended full-scene map, on the prediction grid, including
+scene edges, nodata collars and window seams. Scenes are processed in strips (never whole).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+from torch import nn
+
+from stages.blend import NODATA, cell_grid_shape
+from stages.fsutil import atomic_path, write_json
+from stages.labels import IGNORE, open_labels
+from stages.metrics import confusion, summarize
+from stages.params import Params
+from stages.predict import class_colours, open_scene, output_grid, predict_strips
+from stages.raster_io import gdal_env
+
+PREVIEW_PX = 1024  # previews are decimated to at most this many px a side
+
+
+def held_out_scenes(scenes_json: Path, split_json: Path) -> list[dict[str, Any]]:
+    """Ingest records of the test scenes that are held out whole.
+
+    With ``split.spatial_blocks`` a scene's test part is only some blocks of it; mapping the
+    whole scene would score training pixels too, so such scenes are left out (tile metrics
+    still cover them).
+    """
+    members = json.loads(Path(split_json).read_text())["members"]["test"]
+    records = json.loads(Path(scenes_json).read_text())["scenes"]
+    return [r for r in records if r["scene_id"] in members and members[r["scene_id"]] is None]
+
+
+def _cell_majority(labels: np.ndarray, cell: int, n_classes: int) -> np.ndarray:
+    """Majority class of each ``cell`` x ``cell`` block (IGNORE where no pixel is labelled)."""
+    rows, cols = labels.shape[0] // cell, labels.shape[1] // cell
+    blocks = labels[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell)
+    counts = np.stack([(blocks == k).sum(axis=(1, 3)) for k in range(n_classes)], axis=-1)
+    majority = counts.argmax(axis=-1).astype(np.uint8)
+    majority[counts.sum(axis=-1) == 0] = IGNORE
+    return majority
+
+
+def score_scene(
+    params: Params, model: nn.Module, meta: dict[str, Any], record: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Confusion matrix of one scene's map vs its labels, plus decimated (prediction, label) previews."""
+    classes = list(meta["classes"])
+    n_classes = len(classes)
+    bands = record.get("bands") or record.get("input_bands")
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    with gdal_env(params.tile.gdal_cache_mb), open_scene(record["image"], meta, bands) as scene:
+        grid = output_grid(meta, scene.grid)
+        step = max(1, math.ceil(max(grid.width, grid.height) / PREVIEW_PX))
+        cell = 1 if meta.get("task") == "segmentation" else cell_grid_shape(1, 1, int(meta["tile_size"]))[0]
+        labels = open_labels(Path(record["labels"]), scene.grid, params.data)
+        previews: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        try:
+            for strip in predict_strips(params, model, meta, scene, lambda n: None):
+                rows = strip.classes.shape[0]
+                truth = labels.read(Window(0, strip.row * cell, grid.width * cell, rows * cell))
+                if cell > 1:
+                    truth = _cell_majority(truth, cell, n_classes)
+                keep = (truth != IGNORE) & (strip.classes != NODATA)
+                cm += confusion(truth[keep], strip.classes[keep], n_classes)
+                pick = [r for r in range(rows) if (strip.row + r) % step == 0]
+                previews[0].append(strip.classes[pick, ::step])
+                previews[1].append(truth[pick, ::step])
+        finally:
+            labels.close()
+    return cm, np.concatenate(previews[0]), np.concatenate(previews[1])
+
+
+def plot_preview(
+    predicted: np.ndarray, actual: np.ndarray, classes: list[str], title: str, path: Path
+) -> None:
+    """Prediction and labels side by side in class colours (nodata / unlabelled in light grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = [tuple(c / 255 for c in rgb) for rgb in class_colours(classes)] + [(0.9, 0.9, 0.9)]
+    cmap = ListedColormap(colours)
+    n = len(classes)
+    height, width = predicted.shape
+    aspect = height / max(width, 1)
+    panel = min(6.0, 8.0 / aspect)  # inches: panels at most 6 wide and 8 tall
+    fig, axes = plt.subplots(1, 2, figsize=(2 * panel, panel * aspect + 1.0), layout="constrained")
+    for ax, data, name in zip(axes, (predicted, actual), ("prediction", "labels"), strict=True):
+        ax.imshow(np.where(data < n, data, n), cmap=cmap, vmin=0, vmax=n, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_axis_off()
+    handles = [Patch(color=colours[i], label=c) for i, c in enumerate(classes)]
+    handles.append(Patch(color=colours[-1], label="nodata / unlabelled"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
+    fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def evaluate_scenes(
+    params: Params, model: nn.Module, meta: dict[str, Any], records: list[dict[str, Any]], out_dir: Path
+) -> dict[str, Any]:
+    """Map and score every test scene; write ``scene_metrics.json`` and one preview PNG per scene."""
+    classes = list(meta["classes"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    scenes: dict[str, Any] = {}
+    for record in records:
+        cm, predicted, actual = score_scene(params, model, meta, record)
+        total += cm
+        scores = summarize(cm, classes)
+        scenes[record["scene_id"]] = _rounded(scores, cm)
+        title = (
+            f"{record['scene_id']}: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}, "
+            f"mIoU {scores['miou']:.3f}"
+        )
+        plot_preview(predicted, actual, classes, title, out_dir / f"{record['scene_id']}.png")
+        print(f"scene map {title}", flush=True)
+    result = {
+        "task": meta.get("task", "classification"),
+        "unit": "pixel" if meta.get("task") == "segmentation" else "cell",
+        "overall": _rounded(summarize(total, classes), total),
+        "scenes": scenes,
+        "confusion": total.tolist(),
+    }
+    write_json(out_dir / "scene_metrics.json", result)
+    return result
+
+
+def _rounded(scores: dict[str, Any], cm: np.ndarray) -> dict[str, Any]:
+    out = {k: round(scores[k], 4) for k in ("accuracy", "macro_f1", "miou")}
+    out["per_class_iou"] = {name: c["iou"] for name, c in scores["per_class"].items()}
+    out["scored"] = int(cm.sum())
+    return out

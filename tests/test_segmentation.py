@@ -1,0 +1,162 @@
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from stages import cli
+from stages.evaluate import evaluate
+from stages.ingest import ingest
+from stages.predict import predict_scene, resolve_model
+from stages.scene_eval import evaluate_scenes, held_out_scenes
+from stages.split import split
+from stages.tile import tile
+from stages.train import load_model, train
+from tests.conftest import CLASSES, ROOT, tiny_overrides, tiny_params, write_catalog, write_scene
+
+SEG = [
+    "train.task=segmentation",
+    "train.model=unet",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.width=8",
+    "train.lr=0.01",
+    "train.early_stopping.metric=val_miou",
+    "predict.window=64",
+    "predict.margin=24",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    rows = []
+    for i, name in enumerate(["train", "train", "val", "test", "test"]):
+        paths = write_scene(tmp_path, f"s{i}", seed=i)
+        rows.append(
+            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
+        )
+    catalog = write_catalog(tmp_path, rows)
+    params = tiny_params(tmp_path, *SEG)
+    ingest(params, catalog, tmp_path / "scenes.json")
+    tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
+    split(params, tmp_path / "scenes.json", tmp_path / "tiles", tmp_path / "split.json")
+    return tmp_path, params
+
+
+def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypatch):
+    tmp_path, params = prepared
+    monkeypatch.chdir(tmp_path)  # scene records hold paths relative to where ingest ran
+    summary = train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "models")
+    assert summary["epochs_run"] == 3 and "val_miou" in summary["best"]
+    assert sum(summary["train_class_counts"]) > summary["train_tiles"], "counts are pixels, not tiles"
+    model, meta = load_model(tmp_path / "models" / "model.pt")
+    assert meta["task"] == "segmentation" and meta["model"] == "unet"
+
+    metrics = evaluate(
+        params, tmp_path / "models", tmp_path / "tiles", tmp_path / "split.json", tmp_path / "metrics"
+    )
+    saved = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert set(saved["per_class"]) == set(CLASSES) and all("iou" in c for c in saved["per_class"].values())
+    assert sum(c["support"] for c in saved["per_class"].values()) == 2 * 30 * 16 * 16, (
+        "every test pixel scored"
+    )
+    assert np.isclose(saved["miou"], np.mean([c["iou"] for c in saved["per_class"].values()]), atol=1e-3)
+    assert saved["miou"] > saved["baseline_miou"] and saved["accuracy"] > saved["baseline_accuracy"]
+
+    records = held_out_scenes(tmp_path / "scenes.json", tmp_path / "split.json")
+    assert [r["scene_id"] for r in records] == ["s3", "s4"]
+    result = evaluate_scenes(params, model, meta, records, tmp_path / "metrics" / "scenes")
+    assert result["unit"] == "pixel" and set(result["scenes"]) == {"s3", "s4"}
+    assert result["overall"]["scored"] == 2 * 96 * 80  # whole scenes, edges included
+    assert result["overall"]["miou"] > saved["baseline_miou"]
+    for scene_id in ("s3", "s4"):
+        png = tmp_path / "metrics" / "scenes" / f"{scene_id}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    predict_scene(params, model, meta, tmp_path / "s3.tif", tmp_path / "s3_map.tif")
+    with rasterio.open(tmp_path / "s3_map.tif") as out, rasterio.open(tmp_path / "s3.tif") as src:
+        assert out.transform == src.transform and out.shape == src.shape
+        predicted = out.read(1)
+    labels = rasterio.open(tmp_path / "s3_labels.tif").read(1).astype(int) - 1
+    assert np.isclose((predicted == labels).mean(), result["scenes"]["s3"]["accuracy"], atol=1e-3)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_segmentation_resume_matches_an_uninterrupted_run(prepared):
+    tmp_path, params = prepared
+    train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "full")
+
+    def die_after_first(epoch, _metrics):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut", on_epoch=die_after_first)
+    resumed = tiny_params(tmp_path, *SEG, "train.resume=true")
+    assert train(resumed, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut")["epochs_run"] == 3
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, tensor in full.items():
+        assert torch.allclose(tensor.float(), cut[name].float(), atol=1e-6), name
+
+
+def test_segmentation_through_mlflow_champion_predict_and_pyfunc(prepared, monkeypatch, capsys):
+    import mlflow.pyfunc
+
+    tmp_path, params = prepared
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sets = [x for o in [*tiny_overrides(tmp_path), *SEG, "track.champion_metric=miou"] for x in ("--set", o)]
+    common = ["--params", str(ROOT / "params.yaml"), *sets]
+    paths = ["--tiles", str(tmp_path / "tiles"), "--split", str(tmp_path / "split.json")]
+    assert cli.main(["train", *common, *paths, "--out", str(tmp_path / "models")]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                *common,
+                *paths,
+                "--model-dir",
+                str(tmp_path / "models"),
+                "--out",
+                str(tmp_path / "metrics"),
+            ]
+        )
+        == 0
+    )
+    assert "-> champion" in capsys.readouterr().out
+
+    # The registry's champion maps a scene with windows larger than the training tiles.
+    one_window = ["--set", "predict.window=128", "--set", "predict.margin=48"]  # clamped to the 96 x 80 scene
+    assert (
+        cli.main(["predict", *common, *one_window, str(tmp_path / "s3.tif"), str(tmp_path / "s3_map.tif")])
+        == 0
+    )
+    local, _ = load_model(tmp_path / "models" / "model.pt")
+    with rasterio.open(tmp_path / "s3.tif") as src, rasterio.open(tmp_path / "s3_map.tif") as out:
+        x = torch.from_numpy(src.read().astype(np.float32) / 255)[None]
+        with torch.no_grad():
+            np.testing.assert_array_equal(out.read(1), local(x)[0].argmax(0).numpy())
+    model, meta = resolve_model(f"models:/{params.track.model_name}@champion")
+    assert meta["task"] == "segmentation"
+
+    # Serving: (n, bands, tile, tile) float32 in [0, 1] -> per-pixel class logits.
+    run = json.loads((tmp_path / "models" / "run.json").read_text())
+    batch = np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)
+    logits = np.asarray(mlflow.pyfunc.load_model(run["model_uri"]).predict(batch))
+    assert logits.shape == (4, len(CLASSES), 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, local(torch.from_numpy(batch)).numpy(), atol=1e-5)
