@@ -32,17 +32,19 @@ ALIGN = 8  # the U-Net pools three times by 2
 # every core pixel's inputs inside its window. Both are measured in tests/test_predict.py.
 UNET_RECEPTIVE_RADIUS = 51
 UNET_EXACT_MARGIN = 46
+EMIT_COLUMNS = 2048  # finished rows are averaged this many columns at a time
+ONE = np.ones(1, dtype=np.float32)
 
 Reader = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (float32 bands in [0, 1], valid)
 
 
 @dataclass(frozen=True)
 class Strip:
-    """Finished output rows: ``classes`` (rows, width) uint8 and ``probs`` (classes, rows, width)."""
+    """Finished output rows: ``classes`` (rows, width) uint8, ``probs`` (classes, rows, width) or None."""
 
     row: int
     classes: np.ndarray
-    probs: np.ndarray
+    probs: np.ndarray | None
 
 
 def ceil_to(value: int, multiple: int) -> int:
@@ -71,23 +73,34 @@ def axis_weights(size: int, margin: int, first: bool, last: bool) -> np.ndarray:
     return weight
 
 
-def _softmax_batches(model: nn.Module, tiles: list[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Softmax of the model over tiles, ``batch_size`` at a time, as float32 numpy."""
-    for start in range(0, len(tiles), batch_size):
-        batch = torch.from_numpy(np.stack(tiles[start : start + batch_size]))
-        with torch.no_grad():
-            logits = model(batch).float()
-            del batch
-            yield torch.softmax(logits, dim=1, out=logits).numpy()
+def _softmax(model: nn.Module, batch: np.ndarray) -> np.ndarray:
+    """Softmax over classes of the model's logits for a batch, as float32 numpy."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(batch)).float()
+        return torch.softmax(logits, dim=1, out=logits).numpy()
 
 
-def _finish(acc: np.ndarray, weight: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average the accumulated probabilities; argmax, NODATA where invalid or never predicted."""
-    ok = valid & (weight > 0)
-    probs = np.divide(acc, np.where(ok, weight, 1))
-    classes = probs.argmax(axis=0).astype(np.uint8)
-    classes[~ok] = NODATA
-    probs[:, ~ok] = 0
+def _finish(
+    acc: np.ndarray, wy: np.ndarray, wx: np.ndarray, valid: np.ndarray, with_probs: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Average accumulated probabilities (weights ``wy`` x ``wx``); argmax, NODATA where invalid.
+
+    Works through the columns in chunks so no temporary is the size of the whole strip.
+    """
+    n, rows, cols = acc.shape
+    classes = np.empty((rows, cols), dtype=np.uint8)
+    probs = np.empty((n, rows, cols), dtype=np.float32) if with_probs else None
+    for c0 in range(0, cols, EMIT_COLUMNS):
+        part = slice(c0, c0 + EMIT_COLUMNS)
+        weight = wy[:, None] * wx[None, part]
+        ok = valid[:, part] & (weight > 0)
+        mean = acc[:, :, part] / np.where(ok, weight, 1)
+        chosen = mean.argmax(axis=0).astype(np.uint8)
+        chosen[~ok] = NODATA
+        classes[:, part] = chosen
+        if probs is not None:
+            mean[:, ~ok] = 0
+            probs[:, :, part] = mean
     return classes, probs
 
 
@@ -110,44 +123,57 @@ def segment_strips(
     margin: int,
     batch_size: int,
     progress: Callable[[int], object] = lambda n: None,
+    with_probs: bool = True,
 ) -> Iterator[Strip]:
-    """Blend U-Net windows over a ``height`` x ``width`` grid; yield finished rows top to bottom."""
+    """Blend U-Net windows over a ``height`` x ``width`` grid; yield finished rows top to bottom.
+
+    Each batch reads only the columns its windows cover, so besides the accumulator (classes x
+    window x width float32) memory is per batch, not per scene row.
+    """
     wh, ww, rows, cols = segment_plan(height, width, window, margin)
     span = cols[-1] + ww
+    row_w = [axis_weights(wh, margin, i == 0, i == len(rows) - 1) for i in range(len(rows))]
+    col_w = [axis_weights(ww, margin, i == 0, i == len(cols) - 1) for i in range(len(cols))]
+    # Summed weights are separable: a valid pixel lies only in windows that were run (a window
+    # is skipped only when all its pixels are invalid), so its weight is wy[row] * wx[col].
+    wy = np.zeros(rows[-1] + wh, dtype=np.float32)
+    for y, w in zip(rows, row_w, strict=True):
+        wy[y : y + wh] += w
+    wx = np.zeros(span, dtype=np.float32)
+    for x, w in zip(cols, col_w, strict=True):
+        wx[x : x + ww] += w
     acc = np.zeros((n_classes, wh, span), dtype=np.float32)
-    weight = np.zeros((wh, span), dtype=np.float32)
     valid = np.zeros((wh, span), dtype=bool)
-    col_weights = [axis_weights(ww, margin, i == 0, i == len(cols) - 1) for i in range(len(cols))]
     top = 0
     for r, y in enumerate(rows):
         if y > top:  # rows above y are final: no later window reaches them
-            yield from _emit_rows(acc, weight, valid, top, y - top, height, width)
-            _roll(y - top, acc, weight, valid)
+            yield from _emit_rows(acc, wy[top:y], wx, valid, top, height, width, with_probs)
+            _roll(y - top, acc, valid)
             top = y
-        image, ok = read(Window(0, y, span, wh))
-        valid[:] = ok  # the strip's rows hold the same pixels whichever strip read them
-        row_weight = axis_weights(wh, margin, r == 0, r == len(rows) - 1)
-        todo = [i for i, x in enumerate(cols) if ok[:, x : x + ww].any()]
-        progress(len(cols) - len(todo))
-        tiles = [image[:, :, cols[i] : cols[i] + ww] for i in todo]
-        done, probs = 0, None
-        for probs in _softmax_batches(model, tiles, batch_size):
-            for p in probs:
-                i = todo[done]
-                x, w2d = cols[i], row_weight[:, None] * col_weights[i][None, :]
-                acc[:, :, x : x + ww] += p * w2d
-                weight[:, x : x + ww] += w2d
-                done += 1
-            progress(len(probs))
-        del image, tiles, probs  # before the next rows are emitted and the next strip is read
-    yield from _emit_rows(acc, weight, valid, top, wh, height, width)
+        for start in range(0, len(cols), batch_size):
+            group = range(start, min(start + batch_size, len(cols)))
+            x0 = cols[group[0]]
+            image, ok = read(Window(x0, y, cols[group[-1]] + ww - x0, wh))
+            valid[:, x0 : x0 + ok.shape[1]] = ok  # overlapping reads agree on shared pixels
+            todo = [i for i in group if ok[:, cols[i] - x0 : cols[i] - x0 + ww].any()]
+            progress(len(group) - len(todo))
+            if not todo:
+                continue
+            batch = np.stack([image[:, :, cols[i] - x0 : cols[i] - x0 + ww] for i in todo])
+            del image
+            for i, p in zip(todo, _softmax(model, batch), strict=True):
+                acc[:, :, cols[i] : cols[i] + ww] += p * (row_w[r][:, None] * col_w[i][None, :])
+            progress(len(todo))
+    yield from _emit_rows(acc, wy[top : top + wh], wx, valid, top, height, width, with_probs)
 
 
-def _emit_rows(acc, weight, valid, top: int, count: int, height: int, width: int) -> Iterator[Strip]:
-    count = min(count, height - top)
+def _emit_rows(acc, wy, wx, valid, top: int, height: int, width: int, with_probs: bool) -> Iterator[Strip]:
+    count = min(len(wy), height - top)
     if count <= 0:
         return
-    classes, probs = _finish(acc[:, :count, :width], weight[:count, :width], valid[:count, :width])
+    classes, probs = _finish(
+        acc[:, :count, :width], wy[:count], wx[:width], valid[:count, :width], with_probs
+    )
     yield Strip(top, classes, probs)
 
 
@@ -174,6 +200,7 @@ def classify_strips(
     tile_size: int,
     batch_size: int,
     progress: Callable[[int], object] = lambda n: None,
+    with_probs: bool = True,
 ) -> Iterator[Strip]:
     """Tile-classifier windows at every cell position; yield finished cell rows top to bottom."""
     cell, n_rows, n_cols = cell_grid_shape(height, width, tile_size)
@@ -185,21 +212,23 @@ def classify_strips(
         image, ok = read(Window(0, i * cell, span, max(tile_size, 2 * cell)))
         todo = [j for j in range(w_cols) if ok[:tile_size, j * cell : j * cell + tile_size].any()]
         progress(w_cols - len(todo))
-        tiles = [image[:, :tile_size, j * cell : j * cell + tile_size] for j in todo]
-        done = 0
-        for probs in _softmax_batches(model, tiles, batch_size):
-            cols = np.asarray(todo[done : done + len(probs)])
+        for start in range(0, len(todo), batch_size):
+            cols = np.asarray(todo[start : start + batch_size])
+            probs = _softmax(
+                model, np.stack([image[:, :tile_size, j * cell : j * cell + tile_size] for j in cols])
+            )
             for dy in (0, 1):
                 for dx in (0, 1):  # columns within a batch are distinct, so fancy += is safe
                     acc[:, dy, cols + dx] += probs.T
                     count[dy, cols + dx] += 1
-            done += len(probs)
-            progress(len(probs))
+            progress(len(cols))
         last = i == w_rows - 1
         for dy in (0, 1) if last else (0,):
             if i + dy < n_rows:
                 frac = ok[dy * cell : (dy + 1) * cell, : n_cols * cell]
                 frac = frac.reshape(cell, n_cols, cell).mean(axis=(0, 2))
-                classes, probs_out = _finish(acc[:, dy, :n_cols], count[dy, :n_cols], frac >= 0.5)
-                yield Strip(i + dy, classes[None], probs_out[:, None])
+                classes, cell_probs = _finish(
+                    acc[:, dy : dy + 1, :n_cols], ONE, count[dy, :n_cols], (frac >= 0.5)[None], with_probs
+                )
+                yield Strip(i + dy, classes, cell_probs)
         _roll(1, acc, count)

@@ -248,27 +248,19 @@ def predict_strips(
     meta: dict[str, Any],
     scene: SceneView,
     progress: Callable[[int], object],
+    with_probs: bool = True,
 ) -> Iterator[Strip]:
     """Finished rows of the scene's map, top to bottom, on :func:`output_grid`."""
     window_total(params, meta, scene.grid)  # checks the window params before any work
     model.eval()
     grid, n_classes, pp = scene.grid, len(meta["classes"]), params.predict
+    shape = (scene.read, grid.height, grid.width, n_classes)
     if meta.get("task") == "segmentation":
         return segment_strips(
-            model,
-            scene.read,
-            grid.height,
-            grid.width,
-            n_classes,
-            pp.window,
-            pp.margin,
-            pp.batch_size,
-            progress,
+            model, *shape, pp.window, pp.margin, pp.batch_size, progress, with_probs=with_probs
         )
     tile_size = int(meta["tile_size"])
-    return classify_strips(
-        model, scene.read, grid.height, grid.width, n_classes, tile_size, pp.batch_size, progress
-    )
+    return classify_strips(model, *shape, tile_size, pp.batch_size, progress, with_probs=with_probs)
 
 
 # --- writing the map -------------------------------------------------------------------------------
@@ -307,7 +299,7 @@ class MapWriter:
     def add(self, strip: Strip) -> None:
         """Queue finished rows; write every complete block row."""
         bands = [strip.classes[None]]
-        if self.probabilities:
+        if self.probabilities and strip.probs is not None:
             probs = np.multiply(strip.probs, 255, out=strip.probs)  # in place: strips are not reused
             bands.append(np.minimum(np.rint(probs, out=probs), PROB_MAX, out=probs).astype(np.uint8))
         self.pending.append(np.concatenate(bands, axis=0))
@@ -366,7 +358,7 @@ def predict_scene(
             )
             writer = MapWriter(strips_file, out_grid, meta, probabilities)
             try:
-                for strip in predict_strips(params, model, meta, opened, bar.update):
+                for strip in predict_strips(params, model, meta, opened, bar.update, probabilities):
                     writer.add(strip)
             finally:
                 writer.close()

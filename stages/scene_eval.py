@@ -64,7 +64,7 @@ def score_scene(
         labels = open_labels(Path(record["labels"]), scene.grid, params.data)
         previews: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         try:
-            for strip in predict_strips(params, model, meta, scene, lambda n: None):
+            for strip in predict_strips(params, model, meta, scene, lambda n: None, with_probs=False):
                 rows = strip.classes.shape[0]
                 truth = labels.read(Window(0, strip.row * cell, grid.width * cell, rows * cell))
                 if cell > 1:
