@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import rasterio
@@ -59,6 +60,37 @@ def make_scene(path: Path, size: int, bands: int = 3, seed: int = 0, block: int 
     return path
 
 
+def make_flat_scene(path: Path, size: int, diagonal: int | None = None, block: int = 512) -> Path:
+    """A cheap, highly compressible size x size uint8 RGB scene: 64 px squares of a few values.
+
+    With ``diagonal``, only a band of that many px around the main diagonal is valid (the rest is
+    nodata): every row and column still holds data, but a model has little to run on.
+    """
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.tif")
+    profile = {
+        "driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+        "crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 1.0, 1.0), "nodata": 0,
+        "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate",
+        "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS",
+    }  # fmt: skip
+    x = np.arange(size)
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for b in range(3):
+            dst.set_band_description(b + 1, ("red", "green", "blue")[b])
+        for row in range(0, size, block):
+            y = np.arange(row, min(row + block, size))[:, None]
+            base = (40 + 30 * ((x[None, :] // 64 + y // 64) % 5)).astype(np.uint8)
+            if diagonal is not None:
+                base[np.abs(x[None, :] - y) > diagonal // 2] = 0
+            strip = np.stack([base + 10 * b * (base > 0) for b in range(3)]).astype(np.uint8)
+            dst.write(strip, window=Window(0, row, size, len(y)))
+    tmp.rename(path)
+    return path
+
+
 def make_labels(path: Path, size: int, factor: int = 4) -> Path:
     """A coarser label raster (class values 1..5 in bands of columns) covering a scene."""
     if path.is_file():
@@ -84,12 +116,23 @@ def make_labels(path: Path, size: int, factor: int = 4) -> Path:
     return path
 
 
-def run_measured(code: str, env: dict | None = None) -> tuple[float, float, str]:
-    """Run python code in a fresh process; returns (wall seconds, peak RSS in MB, stdout)."""
+class Measured(NamedTuple):
+    """What a benchmark child process took: wall and CPU seconds, peak RSS, and what it printed."""
+
+    seconds: float
+    rss_mb: float
+    stdout: str
+    cpu_seconds: float
+
+
+def run_measured(
+    code: str, env: dict | None = None, python: str | Path = sys.executable, cwd: Path = ROOT
+) -> Measured:
+    """Run python code in a fresh process; returns wall seconds, peak RSS in MB, stdout, CPU seconds."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
+        [str(python), "-c", code],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
@@ -100,7 +143,7 @@ def run_measured(code: str, env: dict | None = None) -> tuple[float, float, str]
     out, err = proc.stdout.read(), proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"benchmark child failed:\n{out}\n{err}")
-    return seconds, usage.ru_maxrss / 1024, out
+    return Measured(seconds, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime)
 
 
 def machine() -> dict:
@@ -122,6 +165,12 @@ def machine() -> dict:
         "mlflow": mlflow.__version__,
         "prefect": prefect.__version__,
     }
+
+
+def load() -> dict:
+    """The machine's load averages (1, 5, 15 min) when a measurement starts: over 0.5 means contention."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
 
 
 def save(results: dict, path: Path) -> None:

@@ -48,11 +48,12 @@ def _catalog(folder: Path, names: list[str]) -> Path:
 
 
 def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float]:
+    """Seconds of `tile` (timed inside the child) and the child's peak RSS in MB."""
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"tile.workers={workers}"]
-    wall, rss, stdout = run_measured(TILE.format(sets=sets, scenes=str(scenes), out=str(out)))
+    measured = run_measured(TILE.format(sets=sets, scenes=str(scenes), out=str(out)))
     shutil.rmtree(out, ignore_errors=True)
-    return float(stdout.strip().splitlines()[-1]), rss
+    return float(measured.stdout.strip().splitlines()[-1]), measured.rss_mb
 
 
 def run() -> dict:
@@ -62,7 +63,7 @@ def run() -> dict:
         make_scene(folder / f"{name}.tif", SIZE, seed=seed)
         make_labels(folder / f"{name}_labels.tif", SIZE)
     megabytes = SIZE * SIZE * 3 / 1e6
-    raw_s = float(run_measured(RAW.format(path=str(folder / "a.tif")))[2].strip())
+    raw_s = float(run_measured(RAW.format(path=str(folder / "a.tif"))).stdout.strip())
     one = _catalog(folder, ["a"])
     tile_s, tile_rss = _tile(one, folder / "tiles", 1)
     two = _catalog(folder, ["a", "b"])
@@ -70,6 +71,8 @@ def run() -> dict:
     parallel_s, parallel_rss = _tile(two, folder / "tiles", 2)
     return {
         "scene_px": SIZE,
+        "tile_px": 64,
+        "tile_1_worker_tiles_s": round((SIZE // 64) ** 2 / tile_s, 1),
         "raw_read_mb_s": round(megabytes / raw_s, 1),
         "tile_1_worker_mb_s": round(megabytes / tile_s, 1),
         "tile_vs_raw_ratio": round(raw_s / tile_s, 3),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.repo_lock import lent
 from stages.errors import TilepipeError
 from stages.params import Params, load_params
 
@@ -19,8 +20,12 @@ def executable() -> list[str]:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``dvc <args>`` in the working directory (an argument list, no shell)."""
-    return subprocess.run([*executable(), *args], capture_output=True, text=True, check=False)
+    """Run ``dvc <args>`` in the working directory (an argument list, no shell).
+
+    A pipeline lock this process holds is lent to the command, which locks the repository itself.
+    """
+    with lent():
+        return subprocess.run([*executable(), *args], capture_output=True, text=True, check=False)
 
 
 def is_repo() -> bool:

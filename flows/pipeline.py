@@ -11,16 +11,19 @@ from prefect import State, Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import wait
+from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from rasterio.errors import RasterioError
 
 from flows import dvc_cli
+from flows.repo_lock import pipeline_lock
 from flows.report import publish_metrics
 from flows.settings import prefect_settings
 from stages.errors import TilepipeError
 from stages.ingest import ingest
 from stages.params import Params, load_params
+from stages.scene_eval import predict_held_out
 from stages.split import split
 from stages.synthesize import synthesize
 from stages.tile import plan, prune_stale, tile_scene, write_summary
@@ -28,6 +31,7 @@ from stages.tracking import register_trained, tracked_evaluate, tracked_train
 
 SYNTHETIC, SCENES, TILES = Path("data/synthetic"), Path("data/ingest/scenes.json"), Path("data/tiles")
 SPLIT, MODELS, METRICS = Path("data/split/split.json"), Path("models"), Path("metrics")
+PREDICTIONS = Path("predictions")
 BACKOFF = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s between the 3 retries of a tile task
 step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incremental by fingerprint
 
@@ -96,10 +100,17 @@ def train_task(params: Params, tiles: Path, split_json: Path) -> Path:
     return MODELS
 
 
+@step(name="predict")
+def predict_task(params: Params, model_dir: Path, scenes_json: Path, split_json: Path) -> Path:
+    """Map the held-out test scenes to COGs in predictions/."""
+    predict_held_out(params, model_dir / "model.pt", scenes_json, split_json, PREDICTIONS)
+    return PREDICTIONS
+
+
 @step(name="evaluate")
-def evaluate_task(params: Params, model_dir: Path, tiles: Path, split_json: Path) -> Path:
-    """Score the model on the test scenes into metrics/ and log them to the MLflow run."""
-    tracked_evaluate(params, model_dir, tiles, split_json, METRICS)
+def evaluate_task(params: Params, model_dir: Path, tiles: Path, split_json: Path, maps: Path) -> Path:
+    """Score the model on the test scenes (tiles and maps) into metrics/ and log them to the MLflow run."""
+    tracked_evaluate(params, model_dir, tiles, split_json, METRICS, maps, SCENES)
     return METRICS
 
 
@@ -145,9 +156,15 @@ def tile_all(params: Params, todo: list[dict[str, Any]]) -> list[Path]:
 
 @flow(name="tilepipe", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run synthesize (built-in data) -> ingest -> tile -> split -> train -> evaluate -> register."""
+    """Run synthesize (built-in data), ingest, tile, split, train, predict, evaluate, register."""
+    with pipeline_lock():  # one run per repository: DVC's repo lock, which `dvc repro` takes too
+        return _pipeline(params_path, overrides)
+
+
+def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
+    """The flow's body, run while the repository's lock is held."""
     params = load_params(params_path, overrides)  # bad values fail the run at once, naming the key
-    log, ran = get_run_logger(), ["ingest", "tile", "split", "train", "evaluate"]
+    log, ran = get_run_logger(), ["ingest", "tile", "split", "train", "predict", "evaluate"]
     if needs_synthesis(params):
         synthesize_task(params)
         ran.insert(0, "synthesize")
@@ -157,7 +174,8 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     tiles = summary_task(scenes, tile_all(params, todo))
     split_json = split_task(params, scenes, tiles)
     model_dir = train_task(params, tiles, split_json)
-    metrics_dir = evaluate_task(params, model_dir, tiles, split_json)
+    maps = predict_task(params, model_dir, scenes, split_json)
+    metrics_dir = evaluate_task(params, model_dir, tiles, split_json, maps)
     registered = register_task(params, model_dir, metrics_dir, split_json)
     summary = publish_metrics(model_dir, metrics_dir, registered)
     if reason := dvc_cli.why_not_commit(params):
@@ -169,5 +187,9 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
 
 def run_pipeline(params_path: Path | str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Run the pipeline flow once in this process (``tilepipe flow``)."""
-    with prefect_settings():
+    with pipeline_lock(), prefect_settings():  # a second run fails here, before Prefect starts
+        if PREFECT_API_URL.value():
+            from flows.deploy import check_api
+
+            check_api()  # a server that does not answer: one clear line, not Prefect's traceback
         return pipeline(str(params_path), list(overrides or []))

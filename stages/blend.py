@@ -32,6 +32,7 @@ ALIGN = 8  # the U-Net pools three times by 2
 # every core pixel's inputs inside its window. Both are measured in tests/test_predict.py.
 UNET_RECEPTIVE_RADIUS = 51
 UNET_EXACT_MARGIN = 46
+FORWARD_PIXELS = 4 * 256 * 256  # per forward pass; e.g. 4 windows of 256 px, or 256 tiles of 32 px
 EMIT_COLUMNS = 2048  # finished rows are averaged this many columns at a time
 ONE = np.ones(1, dtype=np.float32)
 
@@ -74,10 +75,19 @@ def axis_weights(size: int, margin: int, first: bool, last: bool) -> np.ndarray:
 
 
 def _softmax(model: nn.Module, batch: np.ndarray) -> np.ndarray:
-    """Softmax over classes of the model's logits for a batch, as float32 numpy."""
+    """Softmax over classes of the model's logits for a batch, as float32 numpy.
+
+    The forward pass sees at most :data:`FORWARD_PIXELS` pixels at a time: a U-Net's activations
+    (tens of channels at full resolution) dominate peak memory, and the batch size alone does not
+    bound them when windows are large.
+    """
+    step = max(1, FORWARD_PIXELS // (batch.shape[-1] * batch.shape[-2]))
+    parts = []
     with torch.no_grad():
-        logits = model(torch.from_numpy(batch)).float()
-        return torch.softmax(logits, dim=1, out=logits).numpy()
+        for start in range(0, len(batch), step):
+            logits = model(torch.from_numpy(batch[start : start + step])).float()
+            parts.append(torch.softmax(logits, dim=1, out=logits).numpy())
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _finish(

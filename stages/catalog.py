@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import bad_file
+
+SCENE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 REQUIRED = ("scene_id", "image", "labels")
 OPTIONAL = ("split", "bands")
@@ -43,8 +46,11 @@ def read_catalog(path: Path | str) -> list[CatalogRow]:
     out: list[CatalogRow] = []
     for line, row in enumerate(rows, start=2):
         scene_id = row["scene_id"]
-        if not scene_id or not all(ch.isalnum() or ch in "-_." for ch in scene_id):
-            raise bad_file(path, f"line {line}: scene_id {scene_id!r} must be non-empty [A-Za-z0-9._-]")
+        if not SCENE_ID.fullmatch(scene_id):  # it names a folder: no "..", no hidden or temp names
+            raise bad_file(
+                path,
+                f"line {line}: scene_id {scene_id!r} must be non-empty [A-Za-z0-9._-], not starting with '.'",
+            )
         if scene_id in seen:
             raise bad_file(path, f"line {line}: duplicate scene_id {scene_id!r}")
         seen.add(scene_id)

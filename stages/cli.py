@@ -71,7 +71,7 @@ def _train(params: Params, args: argparse.Namespace) -> None:
 def _evaluate(params: Params, args: argparse.Namespace) -> None:
     from stages.tracking import register_trained, tracked_evaluate
 
-    tracked_evaluate(params, args.model_dir, args.tiles, args.split, args.out)
+    tracked_evaluate(params, args.model_dir, args.tiles, args.split, args.out, args.maps, args.scenes)
     if not args.no_register and (args.model_dir / "run.json").is_file():
         register_trained(params, args.model_dir, args.out, args.split)
 
@@ -80,12 +80,31 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
 def _predict(params: Params, args: argparse.Namespace) -> None:
     from stages.predict import predict_scene, resolve_model
 
-    model, meta = resolve_model(args.model or f"models:/{params.track.model_name}@champion")
+    model_spec = args.model or f"models:/{params.track.model_name}@champion"
+    if args.test_scenes is not None:
+        from stages.scene_eval import predict_held_out
+
+        if args.scene is not None or args.probabilities or args.bands:
+            raise TilepipeError(
+                "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities or --bands"
+            )
+        predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes)
+        return
+    if args.scene is None or args.output is None:
+        raise TilepipeError(
+            "predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the held-out test scenes"
+        )
+    model, meta = resolve_model(model_spec)
     predict_scene(params, model, meta, args.scene, args.output, args.probabilities, args.bands)
 
 
-@command("flow", "run the whole pipeline as a Prefect flow (same stages, same outputs)")
+@command("flow", "run the whole pipeline (or `flow study`: the scene-scaling study) as a Prefect flow")
 def _flow(params: Params, args: argparse.Namespace) -> None:
+    if args.flow == "study":
+        from flows.study import run_study_flow
+
+        run_study_flow(args.params, args.overrides)
+        return
     from flows.pipeline import run_pipeline
 
     run_pipeline(args.params, args.overrides)
@@ -96,6 +115,25 @@ def _serve(params: Params, args: argparse.Namespace) -> None:
     from flows.deploy import serve
 
     serve(args.params, args.overrides)
+
+
+@command("study", "scene-scaling study: held-out score against the number of training scenes")
+def _study(params: Params, args: argparse.Namespace) -> None:
+    from stages.params import apply_overrides, validate
+    from stages.study_runner import run_study
+
+    flags = [f"study.sizes={args.sizes}"] if args.sizes else []
+    flags += [f"study.repeats={args.repeats}"] if args.repeats is not None else []
+    if flags:
+        params = validate(apply_overrides(params.model_dump(mode="json"), flags), source="tilepipe study")
+    run_study(params, args.tiles, args.split, args.out)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected scene counts like 1,2,4") from None
 
 
 @command("report", "print a summary of the pipeline's outputs")
@@ -145,12 +183,33 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     ),
     "train": lambda s: _path_args(s, tiles="data/tiles", split="data/split/split.json", out="models"),
     "evaluate": lambda s: (
-        _path_args(s, model_dir="models", tiles="data/tiles", split="data/split/split.json", out="metrics"),
+        _path_args(
+            s,
+            model_dir="models",
+            tiles="data/tiles",
+            split="data/split/split.json",
+            out="metrics",
+            scenes="data/ingest/scenes.json",
+        ),  # fmt: skip
+        s.add_argument(
+            "--maps",
+            type=Path,
+            default=None,
+            help="also score the full-scene maps in this folder (from `tilepipe predict --test-scenes`)",
+        ),  # fmt: skip
         s.add_argument("--no-register", action="store_true", help="do not register the model"),
     ),
     "predict": lambda s: (
-        s.add_argument("scene", type=Path, help="the scene to map (GeoTIFF)"),
-        s.add_argument("output", type=Path, help="output GeoTIFF (COG)"),
+        s.add_argument("scene", type=Path, nargs="?", help="the scene to map (GeoTIFF)"),
+        s.add_argument("output", type=Path, nargs="?", help="output GeoTIFF (COG)"),
+        s.add_argument(
+            "--test-scenes",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="instead of one scene, map every held-out test scene of --split into DIR/<scene_id>.tif",
+        ),  # fmt: skip
+        _path_args(s, scenes="data/ingest/scenes.json", split="data/split/split.json"),
         s.add_argument(
             "--model",
             default=None,
@@ -165,6 +224,14 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         ),
     ),
     "report": lambda s: _path_args(s, split="data/split/split.json", metrics="metrics/metrics.json"),
+    "study": lambda s: (
+        _path_args(s, tiles="data/tiles", split="data/split/split.json", out="reports/study"),
+        s.add_argument("--sizes", type=_sizes, default=None, help="training-scene counts, e.g. 1,2,4,6"),
+        s.add_argument("--repeats", type=int, default=None, help="seeded repeats (default: study.repeats)"),
+    ),
+    "flow": lambda s: s.add_argument(
+        "flow", nargs="?", choices=["pipeline", "study"], default="pipeline", help="(default: pipeline)"
+    ),
 }
 
 

@@ -23,9 +23,19 @@ PIXEL_SAMPLE_STEP = 8  # segmentation plot data keeps every 8th pixel per axis o
 
 
 def evaluate(
-    params: Params, model_dir: Path, tiles_dir: Path, split_json: Path, out_dir: Path
+    params: Params,
+    model_dir: Path,
+    tiles_dir: Path,
+    split_json: Path,
+    out_dir: Path,
+    maps_dir: Path | None = None,
+    scenes_json: Path | None = None,
 ) -> dict[str, Any]:
-    """Score the best model on the test split; write ``metrics.json``, plot data and a PNG."""
+    """Score the best model on the test split; write ``metrics.json``, plot data and a PNG.
+
+    With ``maps_dir`` (the predict stage's maps of the held-out scenes) and ``scenes_json`` it
+    also scores the full-scene maps (``map_*`` metrics, ``scenes/`` with a preview PNG each).
+    """
     model, meta = load_model(Path(model_dir) / "model.pt")
     classes, task = meta["classes"], meta["task"]
     n_classes = len(classes)
@@ -80,6 +90,8 @@ def evaluate(
         "per_class": scores["per_class"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    if maps_dir is not None:
+        metrics.update(score_maps(params, meta, split_json, Path(maps_dir), scenes_json, out_dir / "scenes"))
     write_json(out_dir / "metrics.json", metrics)
     write_text(out_dir / "test_predictions.csv", "\n".join(rows) + "\n")
     write_json(out_dir / "test_confusion.json", {"classes": classes, "matrix": cm.tolist()})
@@ -94,6 +106,40 @@ def evaluate(
         f"mIoU {metrics['miou']:.3f} (baseline {metrics['baseline_miou']:.3f})"
     )
     return metrics
+
+
+def score_maps(
+    params: Params,
+    meta: dict[str, Any],
+    split_json: Path,
+    maps_dir: Path,
+    scenes_json: Path | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """``map_*`` metrics of the held-out scenes' full-scene maps (stages/scene_eval.py)."""
+    from stages.scene_eval import evaluate_scenes, held_out_scenes
+
+    if scenes_json is None:
+        raise TilepipeError(
+            "evaluate: scoring maps needs the ingest record (--scenes data/ingest/scenes.json)"
+        )
+    records = held_out_scenes(Path(scenes_json), split_json)
+    if not records:
+        print("evaluate: no test scene is held out whole (split.spatial_blocks), so no map is scored")
+        return {"map_scenes": 0}
+    result = evaluate_scenes(params, meta, records, maps_dir, out_dir)
+    overall = result["overall"]
+    print(
+        f"evaluate: full-scene maps of {len(records)} held-out scene(s), per {result['unit']}: "
+        f"accuracy {overall['accuracy']:.3f}, macro-F1 {overall['macro_f1']:.3f}, mIoU {overall['miou']:.3f}"
+    )
+    return {
+        "map_accuracy": overall["accuracy"],
+        "map_macro_f1": overall["macro_f1"],
+        "map_miou": overall["miou"],
+        "map_scenes": len(records),
+        "map_unit": result["unit"],
+    }
 
 
 def small_test_warnings(metrics: dict[str, Any], params: Params) -> list[str]:

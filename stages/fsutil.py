@@ -12,6 +12,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp create private (0600 / 0700) entries; outputs get the usual umask-based modes.
+FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -26,13 +38,14 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temp path to write; on success it is fsynced and renamed onto ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
@@ -55,9 +68,10 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     """Yield a temp directory; on success it replaces ``target`` whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, DIR_MODE)
         old = target.with_name(f".{target.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -68,6 +82,24 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         _fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_leftover(path: Path) -> bool:
+    """True for what a killed atomic write leaves behind: ``.<name>.*.tmp`` or ``.<name>.old``."""
+    name = path.name
+    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or name.endswith(".old"))
+
+
+def remove_leftovers(folder: Path | str) -> list[Path]:
+    """Delete the temp files and folders a killed writer left in ``folder``; returns them."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if is_leftover(p)] if folder.is_dir() else []
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def file_sha256(path: Path | str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -23,9 +24,23 @@ def pick_device(precision: Precision) -> torch.device:
     return torch.device("cuda" if precision == "amp" and torch.cuda.is_available() else "cpu")
 
 
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """True unless this is a CPU without native bf16 (AVX512-BF16 / AMX), where oneDNN emulates it.
+
+    Emulated bf16 makes a training step several times slower than fp32, so bf16 then runs as fp32.
+    """
+    return device_type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _channels_last(device: torch.device, precision: Precision) -> bool:
+    """channels_last (NHWC) on the CPU, fp32 or bf16: oneDNN convolutions then skip a reorder per call."""
+    return device.type == "cpu" or precision == "bf16"
+
+
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     """bf16 autocast on the CPU, fp16 AMP on CUDA, or nothing for fp32."""
-    if precision == "bf16":
+    if precision == "bf16" and native_bf16(device.type):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "amp" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -33,14 +48,18 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
 
 
 def prepare(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
-    """Move a model to its device; channels_last speeds up bf16 convolutions on CPUs."""
+    """Move a model to its device, channels_last on CPUs (see ``_channels_last``)."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if precision == "bf16" else model
+    if precision == "bf16" and not native_bf16(device.type):
+        print("tilepipe: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 runs as fp32", flush=True)
+    return model.to(memory_format=torch.channels_last) if _channels_last(device, precision) else model
 
 
 def _inputs(x: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if precision == "bf16" else x
+    if x.dim() == 4 and _channels_last(device, precision):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def train_epoch(

@@ -183,6 +183,28 @@ class PredictParams(Section):
         return self
 
 
+class StudyParams(Section):
+    """The scene-scaling study (``tilepipe study``): subset sizes, repeats and a per-training budget."""
+
+    sizes: list[int] | None = None  # None: 1, 2, 4, ... and all training scenes
+    repeats: int = Field(default=3, ge=1, le=100)
+    seed: int = 0
+    epochs: int = Field(default=8, ge=1, le=10_000)
+    train_tiles: int | None = Field(default=None, ge=1)  # None: the smallest training scene's usable tiles
+    val_tiles: int | None = Field(default=600, ge=1)  # None: every validation tile, every epoch
+    threads: int = Field(default=1, ge=1, le=256)
+    parallel: int | None = Field(default=None, ge=1, le=256)  # None: cores // threads
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive_unique(cls, sizes: list[int] | None) -> list[int] | None:
+        if sizes is None:
+            return None
+        if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+            raise ValueError("needs distinct scene counts >= 1, e.g. [1, 2, 4], or null")
+        return sorted(sizes)
+
+
 class ScheduleParams(Section):
     """When the served "nightly" Prefect deployment runs (cron, UTC)."""
 
@@ -212,6 +234,7 @@ class Params(Section):
     predict: PredictParams
     track: TrackParams
     schedule: ScheduleParams = ScheduleParams()
+    study: StudyParams = StudyParams()
 
     @model_validator(mode="after")
     def _unet_tile_size(self) -> Params:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
@@ -21,6 +21,8 @@ from rasterio.windows import Window
 from stages.errors import TilepipeError, bad_file
 
 METRES_PER_DEGREE = 111_320.0
+_ALL_VALID = [MaskFlags.all_valid]
+_SIMPLE_MASKS = ([MaskFlags.nodata], _ALL_VALID)
 
 
 @contextmanager
@@ -183,13 +185,34 @@ def read_padded(src, window: Window, indexes: list[int], fill: float = 0) -> tup
     r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
     h, w = int(inner.height), int(inner.width)
     block = src.read(indexes, window=inner)
-    masks = src.read_masks(indexes, window=inner)
-    ok = np.all(masks > 0, axis=0)
+    ok = _valid_mask(src, indexes, block, inner)
     if np.issubdtype(block.dtype, np.floating):
         ok &= np.all(np.isfinite(block), axis=0)
     data[:, r0 : r0 + h, c0 : c0 + w] = block
     valid[r0 : r0 + h, c0 : c0 + w] = ok
     return data, valid
+
+
+def _valid_mask(src, indexes: list[int], block: np.ndarray, window: Window) -> np.ndarray:
+    """Pixels valid in every band: GDAL's masks, computed from ``block`` where GDAL would do the same.
+
+    A band whose mask is its nodata value (integer dtype, in-range integral nodata) or "all valid"
+    needs no second read: GDAL's nodata mask band reads the data again and compares, which costs
+    more than the data read itself. Alpha bands and internal masks are read from GDAL.
+    """
+    flags = [src.mask_flag_enums[i - 1] for i in indexes]
+    if np.issubdtype(block.dtype, np.integer) and all(f in _SIMPLE_MASKS for f in flags):
+        ok = np.ones(block.shape[1:], dtype=bool)
+        limits = np.iinfo(block.dtype)
+        for band, (i, flag) in enumerate(zip(indexes, flags, strict=True)):
+            nodata = src.nodatavals[i - 1]
+            if flag == _ALL_VALID:
+                continue
+            if nodata is None or not float(nodata).is_integer() or not limits.min <= nodata <= limits.max:
+                return np.all(src.read_masks(indexes, window=window) > 0, axis=0)
+            ok &= block[band] != block.dtype.type(nodata)
+        return ok
+    return np.all(src.read_masks(indexes, window=window) > 0, axis=0)
 
 
 def _overlaps(src, window: Window) -> bool:

@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from rasterio.windows import Window
-from torch import nn
 
 from stages.blend import NODATA, cell_grid_shape
-from stages.fsutil import atomic_path, write_json
+from stages.errors import bad_file
+from stages.fsutil import atomic_dir, atomic_path, write_json
 from stages.labels import IGNORE, open_labels
 from stages.metrics import confusion, summarize
 from stages.params import Params
-from stages.predict import class_colours, open_scene, output_grid, predict_strips
+from stages.predict import class_colours, open_scene, output_grid
 from stages.raster_io import gdal_env
 
 PREVIEW_PX = 1024  # previews are decimated to at most this many px a side
+MAP_READ_PX = 512  # pixel rows of the scene scored per read
 
 
 def held_out_scenes(scenes_json: Path, split_json: Path) -> list[dict[str, Any]]:
@@ -49,10 +51,35 @@ def _cell_majority(labels: np.ndarray, cell: int, n_classes: int) -> np.ndarray:
     return majority
 
 
-def score_scene(
-    params: Params, model: nn.Module, meta: dict[str, Any], record: dict[str, Any]
+def predict_held_out(
+    params: Params, model_path: Path, scenes_json: Path, split_json: Path, out_dir: Path
+) -> list[dict[str, Any]]:
+    """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole."""
+    from stages.predict import predict_scene, resolve_model
+
+    model, meta = resolve_model(model_path)
+    records = held_out_scenes(scenes_json, split_json)
+    summaries = []
+    with atomic_dir(out_dir) as tmp:
+        for record in records:
+            bands = record.get("bands") or record.get("input_bands")
+            summary = predict_scene(params, model, meta, record["image"], tmp / f"{record['scene_id']}.tif",
+                                    bands=bands)  # fmt: skip
+            summaries.append(
+                {"scene_id": record["scene_id"], **summary, "output": f"{record['scene_id']}.tif"}
+            )
+        write_json(tmp / "predictions.json", {"model": str(model_path), "scenes": summaries})
+    print(f"predict: {len(records)} held-out test scene(s) mapped into {out_dir}")
+    return summaries
+
+
+def score_map(
+    params: Params, meta: dict[str, Any], record: dict[str, Any], map_path: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Confusion matrix of one scene's map vs its labels, plus decimated (prediction, label) previews."""
+    """Confusion matrix of a predicted map vs the scene's labels, plus decimated (map, label) previews.
+
+    The map is read in block rows, the labels window by window: memory does not grow with the scene.
+    """
     classes = list(meta["classes"])
     n_classes = len(classes)
     bands = record.get("bands") or record.get("input_bands")
@@ -64,16 +91,21 @@ def score_scene(
         labels = open_labels(Path(record["labels"]), scene.grid, params.data)
         previews: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         try:
-            for strip in predict_strips(params, model, meta, scene, lambda n: None, with_probs=False):
-                rows = strip.classes.shape[0]
-                truth = labels.read(Window(0, strip.row * cell, grid.width * cell, rows * cell))
-                if cell > 1:
-                    truth = _cell_majority(truth, cell, n_classes)
-                keep = (truth != IGNORE) & (strip.classes != NODATA)
-                cm += confusion(truth[keep], strip.classes[keep], n_classes)
-                pick = [r for r in range(rows) if (strip.row + r) % step == 0]
-                previews[0].append(strip.classes[pick, ::step])
-                previews[1].append(truth[pick, ::step])
+            with rasterio.open(map_path) as src:
+                if (src.width, src.height) != (grid.width, grid.height) or src.crs != grid.crs:
+                    raise bad_file(map_path, f"is not on the grid of {record['image']} for this model")
+                rows_per_read = max(1, MAP_READ_PX // cell)
+                for row in range(0, grid.height, rows_per_read):
+                    rows = min(rows_per_read, grid.height - row)
+                    predicted = src.read(1, window=Window(0, row, grid.width, rows))
+                    truth = labels.read(Window(0, row * cell, grid.width * cell, rows * cell))
+                    if cell > 1:
+                        truth = _cell_majority(truth, cell, n_classes)
+                    keep = (truth != IGNORE) & (predicted != NODATA)
+                    cm += confusion(truth[keep], predicted[keep], n_classes)
+                    pick = [r for r in range(rows) if (row + r) % step == 0]
+                    previews[0].append(predicted[pick, ::step])
+                    previews[1].append(truth[pick, ::step])
         finally:
             labels.close()
     return cm, np.concatenate(previews[0]), np.concatenate(previews[1])
@@ -111,16 +143,19 @@ def plot_preview(
 
 
 def evaluate_scenes(
-    params: Params, model: nn.Module, meta: dict[str, Any], records: list[dict[str, Any]], out_dir: Path
+    params: Params, meta: dict[str, Any], records: list[dict[str, Any]], maps_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
-    """Map and score every test scene; write ``scene_metrics.json`` and one preview PNG per scene."""
+    """Score each test scene's map in ``maps_dir``; write ``scene_metrics.json`` and a preview PNG each."""
     classes = list(meta["classes"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = np.zeros((len(classes), len(classes)), dtype=np.int64)
     scenes: dict[str, Any] = {}
     for record in records:
-        cm, predicted, actual = score_scene(params, model, meta, record)
+        map_path = Path(maps_dir) / f"{record['scene_id']}.tif"
+        if not map_path.is_file():
+            raise bad_file(map_path, "no predicted map for this test scene (run `tilepipe predict` first)")
+        cm, predicted, actual = score_map(params, meta, record, map_path)
         total += cm
         scores = summarize(cm, classes)
         scenes[record["scene_id"]] = _rounded(scores, cm)

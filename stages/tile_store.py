@@ -54,16 +54,33 @@ class ShardWriter:
     _images: list[np.ndarray] = field(default_factory=list)
     _labels: list[np.ndarray] = field(default_factory=list)
     _bytes: int = 0
+    _count: int = 0
 
     def add(self, image: np.ndarray, label: np.ndarray) -> tuple[int, int]:
         """Queue one tile; returns its (shard number, offset in shard)."""
-        self._images.append(image.astype(IMAGE_DTYPE))
-        self._labels.append(label.astype(np.uint8))
-        self._bytes += self._images[-1].nbytes + self._labels[-1].nbytes
-        position = (len(self.shards), len(self._images) - 1)
-        if self._bytes >= self.shard_mb * 1024 * 1024:
-            self.flush()
-        return position
+        shards, offsets = self.add_many(image.astype(IMAGE_DTYPE)[None], label.astype(np.uint8)[None])
+        return int(shards[0]), int(offsets[0])
+
+    def add_many(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Queue tiles (n x bands x size x size, n x size x size); returns their shards and offsets.
+
+        Shards break after the tile that brings them to ``shard_mb``, exactly as one ``add`` per tile.
+        """
+        images, labels = images.astype(IMAGE_DTYPE, copy=False), labels.astype(np.uint8, copy=False)
+        n, limit = len(images), self.shard_mb * 1024 * 1024
+        per_tile = images[0].nbytes + labels[0].nbytes if n else 1
+        shards, offsets = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        start = 0
+        while start < n:
+            take = min(n - start, max(1, -(-(limit - self._bytes) // per_tile)))
+            shards[start : start + take] = len(self.shards)
+            offsets[start : start + take] = np.arange(self._count, self._count + take)
+            self._images.append(images[start : start + take])
+            self._labels.append(labels[start : start + take])
+            self._count, self._bytes, start = self._count + take, self._bytes + take * per_tile, start + take
+            if self._bytes >= limit:
+                self.flush()
+        return shards, offsets
 
     def flush(self) -> None:
         """Write the buffered tiles as the next shard."""
@@ -75,14 +92,14 @@ class ShardWriter:
             {
                 "images": images,
                 "labels": labels,
-                "count": len(self._images),
+                "count": self._count,
                 "sha256": {
-                    images: _save_npy(self.out_dir / images, np.stack(self._images)),
-                    labels: _save_npy(self.out_dir / labels, np.stack(self._labels)),
+                    images: _save_npy(self.out_dir / images, np.concatenate(self._images)),
+                    labels: _save_npy(self.out_dir / labels, np.concatenate(self._labels)),
                 },
             }
         )
-        self._images, self._labels, self._bytes = [], [], 0
+        self._images, self._labels, self._bytes, self._count = [], [], 0, 0
 
 
 def write_index(scene_dir: Path, index: dict[str, Any]) -> None:
@@ -157,5 +174,6 @@ class SceneTiles:
 
 
 def scene_dirs(tiles_dir: Path) -> dict[str, Path]:
-    """scene_id -> folder, for every scene folder with an index under ``tiles_dir``."""
-    return {p.parent.name: p.parent for p in sorted(Path(tiles_dir).glob(f"*/{INDEX}"))}
+    """scene_id -> folder, for every scene folder with an index under ``tiles_dir`` (not temp folders)."""
+    found = sorted(Path(tiles_dir).glob(f"*/{INDEX}"))
+    return {p.parent.name: p.parent for p in found if not p.parent.name.startswith(".")}

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from stages.errors import TilepipeError
 from stages.fsutil import file_sha256, write_json
 from stages.params import Params, flatten
+from stages.tracking_check import fail_fast
 
 CHAMPION = "champion"
 
@@ -66,14 +66,10 @@ def lineage_tags(split_json: Path) -> dict[str, str]:
 def training_run(params: Params, split_json: Path, run_name: str | None = None) -> Iterator[Any]:
     """Open an MLflow run in the params' experiment with params and lineage tags logged."""
     mlflow = _mlflow()
-    try:
+    with fail_fast(tracking_uri()):  # bounded probe: a down server or a locked store fails here
         mlflow.set_experiment(params.track.experiment)
-    except Exception as exc:  # noqa: BLE001 - any store failure means tracking is unreachable
-        raise TilepipeError(
-            f"MLflow tracking store {tracking_uri()} is unreachable ({str(exc).splitlines()[0]}); "
-            "training was not started. Fix MLFLOW_TRACKING_URI or start the server, then rerun."
-        ) from None
-    with mlflow.start_run(run_name=run_name) as run:
+        active = mlflow.start_run(run_name=run_name)
+    with active as run:
         mlflow.log_params(flatten(params))
         mlflow.set_tags(lineage_tags(split_json))
         yield run
@@ -133,6 +129,9 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
         for name in ("metrics.json", "test_confusion.png", "report.txt"):
             if (out_dir / name).is_file():
                 mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
+        scenes = out_dir / "scenes"  # full-scene map scores and prediction-vs-label previews
+        for path in sorted(scenes.glob("*.png")) + sorted(scenes.glob("*.json")) if scenes.is_dir() else []:
+            mlflow.log_artifact(str(path), artifact_path="evaluation/scenes")
 
 
 def register(
@@ -150,6 +149,7 @@ def register(
     score = float(metrics[key])
     client.set_model_version_tag(name, version.version, f"test_{key}", str(score))
     client.set_model_version_tag(name, version.version, "test_split_sha256", split_hash)
+    client.set_model_version_tag(name, version.version, "task", params.train.task)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -159,7 +159,11 @@ def register(
     if champion is not None:
         same_split = champion.tags.get("test_split_sha256") == split_hash
         best = champion.tags.get(f"test_{key}")
-        if not same_split or best is None:
+        if champion.tags.get("task", "classification") != params.train.task:
+            decision = (
+                f"champion v{champion.version} is a {champion.tags.get('task', 'classification')} model: kept"
+            )
+        elif not same_split or best is None:
             decision = f"champion v{champion.version} was scored on another test split: not comparable, kept"
         elif score > float(best):
             promote, decision = True, f"beats champion v{champion.version} ({score:.4f} > {float(best):.4f})"
@@ -175,7 +179,11 @@ def tracked_train(
     params: Params, tiles_dir: Path, split_json: Path, out_dir: Path, on_epoch: Any = None
 ) -> dict[str, Any]:
     """Train inside an MLflow run: params, tags, one point per epoch, artifacts and the model."""
-    from stages.train import train
+    from stages.train import load_checkpoint, train
+
+    last = Path(out_dir) / "checkpoints" / "last.pt"
+    if params.train.resume and last.is_file():
+        load_checkpoint(last)  # a truncated or foreign checkpoint fails here, before any MLflow run
 
     def log_and_forward(epoch: int, metrics: dict[str, float]) -> None:
         log_epoch(epoch, metrics)
@@ -189,12 +197,18 @@ def tracked_train(
 
 
 def tracked_evaluate(
-    params: Params, model_dir: Path, tiles_dir: Path, split_json: Path, out_dir: Path
+    params: Params,
+    model_dir: Path,
+    tiles_dir: Path,
+    split_json: Path,
+    out_dir: Path,
+    maps_dir: Path | None = None,
+    scenes_json: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on the test scenes and log the numbers to the training's MLflow run."""
+    """Evaluate on the test scenes (tiles, and full-scene maps if given) and log to the training's run."""
     from stages.evaluate import evaluate
 
-    metrics = evaluate(params, model_dir, tiles_dir, split_json, out_dir)
+    metrics = evaluate(params, model_dir, tiles_dir, split_json, out_dir, maps_dir, scenes_json)
     run_file = Path(model_dir) / "run.json"
     if run_file.is_file():
         log_evaluation(json.loads(run_file.read_text())["run_id"], metrics, out_dir)

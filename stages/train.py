@@ -23,7 +23,7 @@ from stages.dataset import (
     split_members,
 )
 from stages.errors import TilepipeError
-from stages.fsutil import atomic_path, file_sha256, write_json, write_text
+from stages.fsutil import atomic_path, file_sha256, remove_leftovers, write_json, write_text
 from stages.loops import pick_device, prepare, score, train_epoch
 from stages.metrics import summarize
 from stages.models import Normalized, build_model
@@ -155,8 +155,10 @@ def train(
     last = out_dir / "checkpoints" / "last.pt"
     key = _run_key(params, split_json, tiles_dir)
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    for folder in (out_dir, last.parent):
+        remove_leftovers(folder)  # temp files of a run that was killed mid-write
     if tp.resume and last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(last)
         if ckpt["key"] != key:
             raise TilepipeError(
                 f"{last}: checkpoint was made with other params, split or tiles; "
@@ -199,7 +201,8 @@ def train(
         if improved:
             state.update(best=value, best_epoch=epoch, bad_epochs=0)
             save_model(out_dir / "model.pt", model, model_meta(params, stats, tile_size, epoch, metrics))
-            np.save(out_dir / "val_confusion.npy", cm)
+            with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, cm)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
@@ -218,6 +221,24 @@ def train(
             print(f"train: early stop, no {metric} gain in {state['bad_epochs']} epochs")
             break
     return _finish(params, out_dir, state, refs, counts, stopped_early)
+
+
+CHECKPOINT_KEYS = ("key", "model", "optimizer", "scheduler", "torch_rng", "state")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint (``weights_only=True``); an unreadable one is an error, never used."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError...
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TilepipeError(
+            f"{path}: checkpoint is truncated or corrupt ({problem}); delete it, "
+            "or set train.resume=false to start over"
+        ) from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise TilepipeError(f"{path}: not a tilepipe checkpoint; delete it, or set train.resume=false")
+    return ckpt
 
 
 def _checkpoint(path: Path, key: str, model, optimizer, scheduler, state: dict) -> None:

@@ -113,6 +113,26 @@ def tiny_params(tmp_path: Path, *overrides: str):
     return load_params(ROOT / "params.yaml", [*tiny_overrides(tmp_path), *overrides])
 
 
+def prepare_tiny_pipeline(tmp_path: Path, *overrides: str):
+    """Five small scenes (2 train, 1 val, 2 test) ingested, tiled and split; returns (tmp_path, params)."""
+    from stages.ingest import ingest
+    from stages.split import split
+    from stages.tile import tile
+
+    rows = []
+    for i, name in enumerate(["train", "train", "val", "test", "test"]):
+        paths = write_scene(tmp_path, f"s{i}", seed=i)
+        rows.append(
+            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
+        )
+    catalog = write_catalog(tmp_path, rows)
+    params = tiny_params(tmp_path, *overrides)
+    ingest(params, catalog, tmp_path / "scenes.json")
+    tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
+    split(params, tmp_path / "scenes.json", tmp_path / "tiles", tmp_path / "split.json")
+    return tmp_path, params
+
+
 @pytest.fixture
 def scenes(tmp_path: Path) -> Path:
     """Four small scenes in two UTM zones with a catalog; returns the catalog path."""
@@ -125,7 +145,15 @@ def scenes(tmp_path: Path) -> Path:
 
 
 # Pipeline outputs and local state never belong in a copy of the repository's sources.
-NOT_SOURCES = ("data/", "models/", "metrics/", "dvc-remote/", "mlflow.db", "benchmarks/.work/")
+NOT_SOURCES = (
+    "data/",
+    "models/",
+    "metrics/",
+    "predictions/",
+    "dvc-remote/",
+    "mlflow.db",
+    "benchmarks/.work/",
+)
 
 
 def copy_repo(dest: Path) -> None:

@@ -225,6 +225,9 @@ def test_bad_scene_is_one_clear_line(tmp_path, case):
         ("scene_id,image,labels", ["a,img.tif,labels.tif", "a,img.tif,labels.tif"], "duplicate scene_id 'a'"),
         ("scene_id,image,labels,split", ["a,img.tif,labels.tif,holdout"], "split 'holdout'"),
         ("scene_id,image,labels", [], "lists no scenes"),
+        ("scene_id,image,labels", ["..,img.tif,labels.tif"], "scene_id '..' must be"),
+        ("scene_id,image,labels", ["a/b,img.tif,labels.tif"], "scene_id 'a/b' must be"),
+        ("scene_id,image,labels", ["a,,labels.tif"], "scene 'a' has no image"),
     ],
 )
 def test_bad_catalog_is_one_clear_line(tmp_path, header, rows, message):
@@ -234,6 +237,25 @@ def test_bad_catalog_is_one_clear_line(tmp_path, header, rows, message):
     catalog.write_text("\n".join([header, *rows]) + "\n")
     result, out = _ingest(tmp_path, catalog)
     _assert_one_line_error(result, out, message, "catalog.csv")
+
+
+def test_missing_catalog_is_one_clear_line(tmp_path):
+    result, out = _ingest(tmp_path, tmp_path / "nope.csv")
+    _assert_one_line_error(result, out, "catalog not found", "nope.csv")
+
+
+@pytest.mark.parametrize(
+    ("bands", "message"),
+    [
+        ("red=1;green", "bad band mapping"),
+        ("red=1;green=2;blue=7", "band mapping blue=7 but file has 3 band(s)"),
+    ],
+)
+def test_bad_band_mapping_is_one_clear_line(tmp_path, bands, message):
+    image, labels = _image(tmp_path, descriptions=[]), _labels(tmp_path)
+    row = {"scene_id": "a", "image": image.name, "labels": labels.name, "bands": bands}
+    result, out = _ingest(tmp_path, write_catalog(tmp_path, [row]))
+    _assert_one_line_error(result, out, message)
 
 
 def test_skip_mode_warns_and_keeps_good_scenes(tmp_path):

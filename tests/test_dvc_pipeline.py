@@ -60,6 +60,11 @@ def test_dvc_repro_is_complete_idempotent_and_restorable(tmp_path):
     assert (repo / "data" / "split" / "split.json").is_file()
     assert (repo / "metrics" / "metrics.json").is_file()
     assert (repo / "models" / "model.pt").is_file()
+    scored = yaml.safe_load((repo / "metrics" / "metrics.json").read_text())
+    assert scored["map_scenes"] >= 1 and 0.0 <= scored["map_miou"] <= 1.0  # predict -> evaluate scored maps
+    for scene_id in scored["per_scene_accuracy"]:
+        assert (repo / "predictions" / f"{scene_id}.tif").is_file()
+        assert (repo / "metrics" / "scenes" / f"{scene_id}.png").stat().st_size > 0
 
     status = _run(["dvc", "status"], repo, env)
     assert "up to date" in status.stdout, status.stdout

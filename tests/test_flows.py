@@ -182,7 +182,16 @@ def test_flow_runs_end_to_end_and_publishes_metrics(workspace, first_run):
     run_id = flow_run_id(first_run["state"])
     names = task_runs(run_id)
     assert tiled(run_id) == ["s0", "s1", "s2"]
-    for step in ("ingest", "plan-tiles", "summarize-tiles", "split", "train", "evaluate", "register"):
+    for step in (
+        "ingest",
+        "plan-tiles",
+        "summarize-tiles",
+        "split",
+        "train",
+        "predict",
+        "evaluate",
+        "register",
+    ):
         assert any(name.startswith(f"{step}-") for name in names), (step, sorted(names))
     assert not any(name.startswith("synthesize") for name in names)  # not the built-in catalog
     assert all(run.state_type.value == "COMPLETED" for run in names.values())
@@ -192,6 +201,10 @@ def test_flow_runs_end_to_end_and_publishes_metrics(workspace, first_run):
     assert (root / "models/model.pt").is_file()
     metrics = first_run["metrics"]
     assert 0.0 <= metrics["macro_f1"] <= 1.0 and "baseline_macro_f1" in metrics
+    assert metrics["map_scenes"] == 1 and 0.0 <= metrics["map_macro_f1"] <= 1.0  # the test scene's map
+    test_scene = next(iter(first_run["split"]["members"]["test"]))
+    assert (root / "predictions" / f"{test_scene}.tif").is_file()
+    assert (root / "metrics" / "scenes" / f"{test_scene}.png").is_file()
     result = first_run["state"].result()
     assert result["run_id"] == first_run["run"]["run_id"] and result["macro_f1"] == metrics["macro_f1"]
     assert result["tiled"] == ["s0", "s1", "s2"]
@@ -403,7 +416,7 @@ def test_flow_matches_dvc_repro_and_leaves_dvc_up_to_date(tmp_path):
     model = _weights(repo / "models/model.pt")
     assert sum(name.endswith(".npy") for name in reference) >= 10
 
-    for out in ("data/tiles", "models", "metrics", "data/split", "data/ingest"):
+    for out in ("data/tiles", "models", "predictions", "metrics", "data/split", "data/ingest"):
         shutil.rmtree(repo / out)
     (repo / "dvc.lock").unlink()
     flow = _sh([str(BIN / "tilepipe"), "flow"], repo, env)

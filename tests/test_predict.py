@@ -19,7 +19,7 @@ from stages.models import Normalized, SmallCNN, UNet
 from stages.params import load_params
 from stages.predict import open_scene, predict_scene, predict_strips, resolve_model
 from stages.raster_io import target_grid
-from stages.scene_eval import evaluate_scenes, held_out_scenes
+from stages.scene_eval import evaluate_scenes, held_out_scenes, predict_held_out
 from stages.split import split
 from stages.tile import tile
 from stages.train import load_model, save_model, train
@@ -316,9 +316,15 @@ def test_classification_maps_a_tiny_scene(trained, monkeypatch):
 
     # Scene-level evaluation scores the same map, cell by cell, against each cell's majority label.
     monkeypatch.chdir(tmp_path)
-    model, meta = load_model(tmp_path / "models" / "model.pt")
+    _, meta = load_model(tmp_path / "models" / "model.pt")
+    maps = tmp_path / "maps"
+    predict_held_out(
+        params, tmp_path / "models" / "model.pt", tmp_path / "scenes.json", tmp_path / "split.json", maps
+    )
+    with rasterio.open(maps / "s3.tif") as batch_map:
+        assert (batch_map.read(1) == predicted).all()  # the stage's map is the CLI's map
     records = held_out_scenes(tmp_path / "scenes.json", tmp_path / "split.json")
-    result = evaluate_scenes(params, model, meta, records, tmp_path / "scene_eval")
+    result = evaluate_scenes(params, meta, records, maps, tmp_path / "scene_eval")
     assert result["unit"] == "cell" and list(result["scenes"]) == ["s3"]
     assert result["overall"]["scored"] == 120
     assert result["scenes"]["s3"]["accuracy"] == round((predicted == truth).mean(), 4)

@@ -7,25 +7,13 @@ import torch
 
 from stages import cli
 from stages.evaluate import evaluate
-from stages.ingest import ingest
 from stages.predict import predict_scene, resolve_model
-from stages.scene_eval import evaluate_scenes, held_out_scenes
-from stages.split import split
-from stages.tile import tile
+from stages.scene_eval import held_out_scenes, predict_held_out
 from stages.train import load_model, train
-from tests.conftest import CLASSES, ROOT, tiny_overrides, tiny_params, write_catalog, write_scene
+from tests.conftest import CLASSES, ROOT, prepare_tiny_pipeline, tiny_overrides
+from tests.test_train import SEG as TRAIN_SEG
 
-SEG = [
-    "train.task=segmentation",
-    "train.model=unet",
-    "train.epochs=3",
-    "train.batch_size=8",
-    "train.width=8",
-    "train.lr=0.01",
-    "train.early_stopping.metric=val_miou",
-    "predict.window=64",
-    "predict.margin=24",
-]
+SEG = [*TRAIN_SEG, "predict.window=64", "predict.margin=24"]  # the resume test is in test_train.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,18 +26,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def prepared(tmp_path):
-    rows = []
-    for i, name in enumerate(["train", "train", "val", "test", "test"]):
-        paths = write_scene(tmp_path, f"s{i}", seed=i)
-        rows.append(
-            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
-        )
-    catalog = write_catalog(tmp_path, rows)
-    params = tiny_params(tmp_path, *SEG)
-    ingest(params, catalog, tmp_path / "scenes.json")
-    tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
-    split(params, tmp_path / "scenes.json", tmp_path / "tiles", tmp_path / "split.json")
-    return tmp_path, params
+    return prepare_tiny_pipeline(tmp_path, *SEG)
 
 
 def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypatch):
@@ -61,9 +38,14 @@ def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypat
     model, meta = load_model(tmp_path / "models" / "model.pt")
     assert meta["task"] == "segmentation" and meta["model"] == "unet"
 
-    metrics = evaluate(
-        params, tmp_path / "models", tmp_path / "tiles", tmp_path / "split.json", tmp_path / "metrics"
+    maps = tmp_path / "predictions"
+    predict_held_out(
+        params, tmp_path / "models" / "model.pt", tmp_path / "scenes.json", tmp_path / "split.json", maps
     )
+    metrics = evaluate(
+        params, tmp_path / "models", tmp_path / "tiles", tmp_path / "split.json", tmp_path / "metrics",
+        maps, tmp_path / "scenes.json",
+    )  # fmt: skip
     saved = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert set(saved["per_class"]) == set(CLASSES) and all("iou" in c for c in saved["per_class"].values())
@@ -75,7 +57,8 @@ def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypat
 
     records = held_out_scenes(tmp_path / "scenes.json", tmp_path / "split.json")
     assert [r["scene_id"] for r in records] == ["s3", "s4"]
-    result = evaluate_scenes(params, model, meta, records, tmp_path / "metrics" / "scenes")
+    result = json.loads((tmp_path / "metrics" / "scenes" / "scene_metrics.json").read_text())
+    assert saved["map_miou"] == result["overall"]["miou"] and saved["map_scenes"] == 2
     assert result["unit"] == "pixel" and set(result["scenes"]) == {"s3", "s4"}
     assert result["overall"]["scored"] == 2 * 96 * 80  # whole scenes, edges included
     assert result["overall"]["miou"] > saved["baseline_miou"]
@@ -89,28 +72,6 @@ def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypat
         predicted = out.read(1)
     labels = rasterio.open(tmp_path / "s3_labels.tif").read(1).astype(int) - 1
     assert np.isclose((predicted == labels).mean(), result["scenes"]["s3"]["accuracy"], atol=1e-3)
-
-
-class Stop(Exception):
-    pass
-
-
-def test_segmentation_resume_matches_an_uninterrupted_run(prepared):
-    tmp_path, params = prepared
-    train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "full")
-
-    def die_after_first(epoch, _metrics):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut", on_epoch=die_after_first)
-    resumed = tiny_params(tmp_path, *SEG, "train.resume=true")
-    assert train(resumed, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut")["epochs_run"] == 3
-    full = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    for name, tensor in full.items():
-        assert torch.allclose(tensor.float(), cut[name].float(), atol=1e-6), name
 
 
 def test_segmentation_through_mlflow_champion_predict_and_pyfunc(prepared, monkeypatch, capsys):

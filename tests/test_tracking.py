@@ -25,7 +25,7 @@ def _paths(tmp_path, models):
     ]
 
 
-def _evaluate(tmp_path, models):
+def _evaluate(tmp_path, models, *maps):
     return _cli(
         tmp_path,
         "evaluate",
@@ -37,6 +37,7 @@ def _evaluate(tmp_path, models):
         str(tmp_path / "split.json"),
         "--out",
         str(tmp_path / f"metrics-{models}"),
+        *maps,
     )
 
 
@@ -61,7 +62,26 @@ def test_run_has_one_point_per_epoch_and_champion_only_moves_up(prepared, monkey
     tags = client.get_run(run["run_id"]).data.tags
     assert tags["scenes_train"] == "2" and tags["scenes_test"] == "2"
     assert "git_commit" in tags
-    assert _evaluate(tmp_path, "good") == 0
+    scenes, split = str(tmp_path / "scenes.json"), str(tmp_path / "split.json")
+    model_path = str(tmp_path / "good" / "model.pt")
+    predict = [
+        "--test-scenes",
+        str(tmp_path / "maps"),
+        "--model",
+        model_path,
+        "--scenes",
+        scenes,
+        "--split",
+        split,
+    ]
+    assert _cli(tmp_path, "predict", *predict) == 0
+    assert _evaluate(tmp_path, "good", "--maps", str(tmp_path / "maps"), "--scenes", scenes) == 0
+    logged = [a.path for a in client.list_artifacts(run["run_id"], "evaluation/scenes")]
+    test_scenes = json.loads((tmp_path / "split.json").read_text())["members"]["test"]
+    assert sorted(logged) == sorted(
+        [f"evaluation/scenes/{s}.png" for s in test_scenes] + ["evaluation/scenes/scene_metrics.json"]
+    )
+    assert client.get_run(run["run_id"]).data.metrics["test_map_macro_f1"] >= 0.0
     champion = client.get_model_version_by_alias("tilepipe-landcover", "champion")
     assert champion.run_id == run["run_id"] or champion.tags["run_id"] == run["run_id"]
     good_score = float(champion.tags["test_macro_f1"])

@@ -5,29 +5,26 @@ import pytest
 import torch
 
 from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
-from stages.ingest import ingest
-from stages.split import split
-from stages.tile import tile
 from stages.train import load_model, train
-from tests.conftest import tiny_params, write_catalog, write_scene
+from tests.conftest import prepare_tiny_pipeline, tiny_params
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.width=8", "train.min_purity=0.5", "train.lr=0.01"]
 
 
+SEG = [  # the U-Net path, as in tests/test_segmentation.py
+    "train.task=segmentation",
+    "train.model=unet",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.width=8",
+    "train.lr=0.01",
+    "train.early_stopping.metric=val_miou",
+]
+
+
 @pytest.fixture
 def prepared(tmp_path):
-    rows = []
-    for i, name in enumerate(["train", "train", "val", "test", "test"]):
-        paths = write_scene(tmp_path, f"s{i}", seed=i)
-        rows.append(
-            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
-        )
-    catalog = write_catalog(tmp_path, rows)
-    params = tiny_params(tmp_path, *TRAIN)
-    ingest(params, catalog, tmp_path / "scenes.json")
-    tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
-    split(params, tmp_path / "scenes.json", tmp_path / "tiles", tmp_path / "split.json")
-    return tmp_path, params
+    return prepare_tiny_pipeline(tmp_path, *TRAIN)
 
 
 def test_an_epoch_is_every_training_tile_once_and_nothing_else(prepared):
@@ -66,8 +63,9 @@ class Stop(Exception):
     pass
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(prepared):
-    tmp_path, params = prepared
+@pytest.mark.parametrize("task", [TRAIN, SEG], ids=["classification", "segmentation"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, task):
+    tmp_path, params = prepare_tiny_pipeline(tmp_path, *task)
     train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "full")
 
     def die_after_first(epoch, _metrics):
@@ -76,7 +74,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(prepared):
 
     with pytest.raises(Stop):
         train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut", on_epoch=die_after_first)
-    resumed = tiny_params(tmp_path, *TRAIN, "train.resume=true")
+    resumed = tiny_params(tmp_path, *task, "train.resume=true")
     result = train(resumed, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "cut")
     assert result["epochs_run"] == 3
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -1,0 +1,139 @@
+"""Data path: training images/s fed from the tile store vs the same batches held in memory.
+
+Both sides run tilepipe's own training step (stages.loops.train_epoch) on the default model, batch
+size and data (the built-in scenes, default params, built once under benchmarks/.work/default).
+The in-memory side replays batches the store-fed loader produced before, so the tensors are the
+same; rounds alternate between the two sides and the best round of each counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import WORK, run_measured
+
+BUILD = """
+from pathlib import Path
+from stages.params import load_params
+from stages.synthesize import synthesize
+from stages.ingest import ingest
+from stages.tile import tile
+from stages.split import split
+root = Path({root!r})
+p = load_params("params.yaml")
+synthesize(p.synthesize, p.data, root / "synthetic")
+ingest(p, root / "synthetic" / "catalog.csv", root / "scenes.json")
+tile(p, root / "scenes.json", root / "tiles")
+split(p, root / "scenes.json", root / "tiles", root / "split.json")
+"""
+
+
+def default_data() -> tuple[Path, Path]:
+    """(tiles dir, split.json) of the built-in data with default params; built on first use (~1-2 min)."""
+    root = WORK / "default"
+    if not (root / "split.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        run_measured(BUILD.format(root=str(root)))
+    return root / "tiles", root / "split.json"
+
+
+class Batches:
+    """A loader stand-in: the first ``count`` batches of ``source`` (or a list replayed)."""
+
+    def __init__(self, source, count: int) -> None:
+        self.source, self.count = source, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for number, batch in enumerate(self.source):
+            if number == self.count:
+                return
+            yield batch
+
+
+def setup(tiles: Path, split_json: Path):
+    """Params, train loader, model, optimiser, loss and device exactly as `tilepipe train` builds them."""
+    import torch
+    from torch import nn
+
+    from stages.dataset import (
+        TileBatches,
+        band_statistics,
+        make_loader,
+        open_stores,
+        select_tiles,
+        split_members,
+    )
+    from stages.loops import pick_device, prepare
+    from stages.params import load_params
+    from stages.train import _build, class_counts, class_weights
+
+    p = load_params("params.yaml")
+    tp = p.train
+    if tp.threads:
+        torch.set_num_threads(tp.threads)
+    members = split_members(split_json, "train")
+    stores = open_stores(tiles, sorted(members))
+    ref = select_tiles(stores, members, tp.task, tp.min_purity)
+    stats = band_statistics(stores, ref)
+    n_classes = len(p.data.classes)
+    device = pick_device(tp.precision)
+    model, optimizer, _ = _build(p, stats, n_classes)
+    model = prepare(model, device, tp.precision)
+    weight = class_weights(class_counts(stores, ref, tp.task, n_classes), tp.class_weights)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=-100)
+    loader = make_loader(
+        TileBatches(stores, ref, tp.task, augment=tp.augment), tp.batch_size, p.seed, True, tp.workers
+    )
+    return p, stores, ref, loader, model, optimizer, loss_fn, device
+
+
+def measure(batches: int = 20, rounds: int = 3) -> dict:
+    """Best-of-rounds images/s of the training step fed from the store and from memory."""
+    import torch
+
+    from stages.loops import train_epoch
+
+    p, _, _, loader, model, optimizer, loss_fn, device = setup(*default_data())
+    loader.sampler.set_epoch(1)
+    held = list(Batches(loader, batches))  # the very tensors the store-fed loader delivers
+    args = (model, None, loss_fn, optimizer, device, p.train.precision, "bench")
+    train_epoch(*args[:1], Batches(held, 3), *args[2:])  # warm-up
+    store, memory = [], []
+    for r in range(rounds):
+        loader.sampler.set_epoch(2 + r)
+        memory.append(train_epoch(*args[:1], Batches(held, batches), *args[2:])["tiles_per_second"])
+        store.append(train_epoch(*args[:1], Batches(loader, batches), *args[2:])["tiles_per_second"])
+    return {
+        "store_images_s": max(store),
+        "memory_images_s": max(memory),
+        "threads": torch.get_num_threads(),
+        "batch_size": p.train.batch_size,
+        "batches_per_round": batches,
+    }
+
+
+def run() -> dict:
+    """Store-fed vs in-memory training images/s in one child process; overhead in %."""
+    default_data()
+    measured = run_measured(
+        "import json\nfrom benchmarks.datapath import measure\nprint(json.dumps(measure()))"
+    )
+    got = json.loads(measured.stdout.strip().splitlines()[-1])
+    overhead = 100 * (got["memory_images_s"] / got["store_images_s"] - 1)
+    return {
+        "train_images_s_from_store": round(got["store_images_s"], 1),
+        "train_images_s_from_memory": round(got["memory_images_s"], 1),
+        "store_overhead_pct": round(overhead, 1),
+        "torch_threads": got["threads"],
+        "batch_size": got["batch_size"],
+        "peak_rss_mb": round(measured.rss_mb, 1),
+        "targets": {"store_overhead_pct": "<= 5"},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))

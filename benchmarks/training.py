@@ -1,0 +1,134 @@
+"""Training throughput: a seed-style plain fp32 loop vs tilepipe's training step, same model and data.
+
+Both sides train the default model (params.yaml: small_cnn, batch 64, AdamW, cosine schedule,
+weighted loss) from the same initial weights on the built-in data, for EPOCHS full epochs, on the
+same batches in the same order with the same flips and rotations; then both are scored on the
+held-out test scenes. They differ only in how a step is fed and computed:
+
+* plain ("seed-style"): a per-tile ``Dataset`` (``__getitem__`` returns one float32 CHW tile),
+  ``DataLoader`` with default collate and ``num_workers=2`` (one per core, the usual default),
+  NCHW tensors, fp32, torch's default thread count;
+* tilepipe: ``stages.train``'s path: one batched gather per shard (``TileBatches``), no loader
+  workers (``train.workers: 0``: on 2 cores they take the cores training needs), channels_last
+  on the CPU (``stages.loops.prepare``), ``train.precision`` fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from benchmarks.common import run_measured
+from benchmarks.datapath import default_data, setup
+
+EPOCHS = int(os.environ.get("BENCH_TRAIN_EPOCHS", "1"))
+PLAIN_WORKERS = 2
+
+
+class _PerTile:
+    """The seed-style dataset: one float32 CHW tile and its class per ``__getitem__``."""
+
+    def __init__(self, stores, ref) -> None:
+        self.stores, self.ref = stores, ref
+
+    def __len__(self) -> int:
+        return len(self.ref.tile)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        store = self.stores[self.ref.scene_ids[self.ref.scene[i]]]
+        image = store.image(int(self.ref.tile[i])).astype(np.float32)
+        return torch.from_numpy(image), int(self.ref.target[i])
+
+
+def _epoch_plain(model, stores, ref, p, optimizer, loss_fn, epoch: int) -> tuple[float, int]:
+    """One epoch of the plain loop on the tilepipe sampler's batches, augmented identically."""
+    from torch.utils.data import DataLoader
+
+    from stages.dataset import EpochBatchSampler, TileBatches
+
+    sampler = EpochBatchSampler(len(ref.tile), p.train.batch_size, p.seed, True)
+    sampler.set_epoch(epoch)
+    batches = [list(b[2]) for b in sampler]  # the same positions as tilepipe's epoch
+    loader = DataLoader(_PerTile(stores, ref), batch_sampler=batches, num_workers=PLAIN_WORKERS)
+    augment = TileBatches(stores, ref, p.train.task, augment=True)
+    model.train()
+    seen, started = 0, time.perf_counter()
+    for (x, y), positions in zip(loader, batches, strict=True):
+        if p.train.augment:
+            x, y = augment._dihedral(x, y, np.random.default_rng([p.seed, epoch, int(positions[0])]))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        seen += len(x)
+    return time.perf_counter() - started, seen
+
+
+def measure(side: str, epochs: int = EPOCHS) -> dict:
+    """Train ``epochs`` epochs on one side; images/s of the training epochs and test-split scores."""
+    import torch
+    from torch import nn
+
+    from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
+    from stages.loops import score, train_epoch
+    from stages.metrics import summarize
+
+    tiles, split_json = default_data()
+    p, stores, ref, loader, model, optimizer, loss_fn, device = setup(tiles, split_json)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if side == "plain":
+        model = model.to(memory_format=torch.contiguous_format)  # NCHW, as a plain loop has it
+    seconds, seen = 0.0, 0
+    for epoch in range(1, epochs + 1):
+        if side == "plain":
+            s, n = _epoch_plain(model, stores, ref, p, optimizer, loss_fn, epoch)
+        else:
+            loader.sampler.set_epoch(epoch)
+            out = train_epoch(model, loader, loss_fn, optimizer, device, p.train.precision, "bench")
+            s, n = out["train_seconds"], out["tiles_seen"]
+        seconds, seen = seconds + s, seen + n
+        scheduler.step()
+    test = split_members(split_json, "test")
+    stores.update(open_stores(tiles, sorted(test)))
+    test_ref = select_tiles(stores, test, p.train.task, p.train.min_purity)
+    test_loader = make_loader(TileBatches(stores, test_ref, p.train.task), 256, 0, False, 0)
+    cm, _ = score(model, test_loader, nn.CrossEntropyLoss(), len(p.data.classes), device, "fp32")
+    summary = summarize(cm, p.data.class_names)
+    return {
+        "images_s": seen / seconds,
+        "macro_f1": summary["macro_f1"],
+        "accuracy": summary["accuracy"],
+        "threads": torch.get_num_threads(),
+    }
+
+
+CHILD = "import json\nfrom benchmarks.training import measure\nprint(json.dumps(measure({side!r})))"
+
+
+def run() -> dict:
+    """Both sides, each in its own process, one after the other; speed-up and macro-F1 difference."""
+    default_data()
+    got = {}
+    for side in ("plain", "tilepipe"):
+        got[side] = json.loads(run_measured(CHILD.format(side=side)).stdout.strip().splitlines()[-1])
+    return {
+        "plain_fp32_images_s": round(got["plain"]["images_s"], 1),
+        "tilepipe_step_images_s": round(got["tilepipe"]["images_s"], 1),
+        "training_speedup": round(got["tilepipe"]["images_s"] / got["plain"]["images_s"], 2),
+        "plain_test_macro_f1": round(got["plain"]["macro_f1"], 4),
+        "tilepipe_test_macro_f1": round(got["tilepipe"]["macro_f1"], 4),
+        "macro_f1_diff_points": round(100 * abs(got["tilepipe"]["macro_f1"] - got["plain"]["macro_f1"]), 2),
+        "epochs": EPOCHS,
+        "torch_threads": got["tilepipe"]["threads"],
+        "plain_loader_workers": PLAIN_WORKERS,
+        "targets": {"training_speedup": ">= 2", "macro_f1_diff_points": "<= 1"},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))
