@@ -113,15 +113,21 @@ def tiny_params(tmp_path: Path, *overrides: str):
     return load_params(ROOT / "params.yaml", [*tiny_overrides(tmp_path), *overrides])
 
 
-def prepare_tiny_pipeline(tmp_path: Path, *overrides: str):
-    """Five small scenes (2 train, 1 val, 2 test) ingested, tiled and split; returns (tmp_path, params)."""
+def prepare_tiny_pipeline(
+    tmp_path: Path,
+    *overrides: str,
+    splits: tuple[str, ...] = ("train", "train", "val", "test", "test"),
+    size: tuple[int, int] | None = None,
+):
+    """Small scenes (one per entry of ``splits``) ingested, tiled and split; returns (tmp_path, params)."""
     from stages.ingest import ingest
     from stages.split import split
     from stages.tile import tile
 
     rows = []
-    for i, name in enumerate(["train", "train", "val", "test", "test"]):
-        paths = write_scene(tmp_path, f"s{i}", seed=i)
+    for i, name in enumerate(splits):
+        sized = {"size": size} if size else {}
+        paths = write_scene(tmp_path, f"s{i}", seed=i, **sized)
         rows.append(
             {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
         )

@@ -20,11 +20,17 @@ import torch
 
 from stages.errors import TilepipeError
 from stages.ingest import ingest
-from stages.split import split
 from stages.tile import plan, tile
 from stages.tile_store import SceneTiles, read_index, scene_dirs, verify_shards
 from stages.train import load_model, train
-from tests.conftest import ROOT, tiny_overrides, tiny_params, write_catalog, write_scene
+from tests.conftest import (
+    ROOT,
+    prepare_tiny_pipeline,
+    tiny_overrides,
+    tiny_params,
+    write_catalog,
+    write_scene,
+)
 
 TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
 TILE = ["tile.size=32", "tile.stride=16", "tile.shard_mb=1"]
@@ -165,18 +171,7 @@ def test_killed_tiling_leaves_no_accepted_partial_shard_and_a_rerun_is_byte_iden
 @pytest.fixture
 def split_tiles(tmp_path: Path):
     """Five small scenes (2 train, 1 val, 2 test), tiled and split; returns the params."""
-    rows = []
-    for i, name in enumerate(["train", "train", "val", "test", "test"]):
-        paths = write_scene(tmp_path, f"s{i}", size=(192, 160), seed=i)
-        rows.append(
-            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
-        )
-    catalog = write_catalog(tmp_path, rows)
-    params = tiny_params(tmp_path, *TRAIN)
-    ingest(params, catalog, tmp_path / "scenes.json")
-    tile(params, tmp_path / "scenes.json", tmp_path / "tiles")
-    split(params, tmp_path / "scenes.json", tmp_path / "tiles", tmp_path / "split.json")
-    return params
+    return prepare_tiny_pipeline(tmp_path, *TRAIN, size=(192, 160))[1]
 
 
 def _train_one_thread(params, tmp_path: Path, out: Path) -> dict:

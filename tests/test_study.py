@@ -10,11 +10,13 @@ import pytest
 from mlflow import MlflowClient
 
 from stages import cli
-from stages.ingest import ingest
-from stages.split import split
 from stages.study import plan_study, scene_orders, share, study_sizes
-from stages.tile import tile
-from tests.conftest import ROOT, tiny_overrides, tiny_params, write_catalog, write_scene
+from tests.conftest import (
+    ROOT,
+    prepare_tiny_pipeline,
+    tiny_overrides,
+    tiny_params,
+)
 from tests.prefect_server import prefect_api_fixture  # noqa: F401 - registers the `prefect_api` fixture
 
 # One xdist worker for the module: the tiny study runs once, and the flow test shares the Prefect server.
@@ -38,17 +40,7 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six 160 x 160 px scenes (100 tiles of 16 px each): 3 train, 1 val, 2 test; tiled and split."""
     root = tmp_path_factory.mktemp("study")
-    rows = []
-    for i, name in enumerate(SPLITS):
-        paths = write_scene(root, f"s{i}", size=(160, 160), seed=i)
-        rows.append(
-            {"scene_id": f"s{i}", "image": paths["image"].name, "labels": paths["labels"].name, "split": name}
-        )
-    catalog = write_catalog(root, rows)
-    params = tiny_params(root, *TINY)
-    ingest(params, catalog, root / "scenes.json")
-    tile(params, root / "scenes.json", root / "tiles")
-    split(params, root / "scenes.json", root / "tiles", root / "split.json")
+    prepare_tiny_pipeline(root, *TINY, splits=tuple(SPLITS), size=(160, 160))
     return root
 
 
