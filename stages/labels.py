@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from stages.errors import bad_file
 from stages.params import DataParams
-from stages.raster_io import Grid, aligned, check_georeferenced, open_raster, read_padded
+from stages.raster_io import Grid, aligned, check_georeferenced, is_native, open_raster, read_padded
 
 IGNORE = 255  # class index stored for unlabelled / nodata pixels in the tile store
 GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -116,17 +116,29 @@ def polygons_bounds(shapes: list[tuple[dict, int]]) -> tuple[float, float, float
 
 
 class RasterLabels:
-    """A label raster warped (nearest neighbour) onto the tile grid."""
+    """A label raster resampled (nearest neighbour) onto the tile grid.
+
+    A raster in the grid's CRS with north-up pixels (the common case: labels drawn on the scene
+    or a coarser copy of its grid) is read at its own resolution and its pixels repeated by index,
+    as GDAL's nearest-neighbour warp picks them; anything else goes through a warped VRT.
+    """
 
     def __init__(self, path: Path, grid: Grid, data: DataParams) -> None:
         self.src = open_raster(path)
         self.lut = value_lookup(data)
         self.nodata = self.src.nodata
-        self.view = aligned(self.src, grid, Resampling.nearest)
+        self.grid = grid
+        self.rectilinear = (
+            not is_native(self.src, grid)
+            and self.src.crs == grid.crs
+            and _north_up(self.src.transform)
+            and _north_up(grid.transform)
+        )
+        self.view = self.src if self.rectilinear else aligned(self.src, grid, Resampling.nearest)
 
     def read(self, window: Window) -> np.ndarray:
         """Class indexes for ``window`` of the grid (IGNORE off the label raster or at nodata)."""
-        values, valid = read_padded(self.view, window, [1])
+        values, valid = self._gather(window) if self.rectilinear else read_padded(self.view, window, [1])
         values = values[0]
         if values.dtype != np.uint8:
             values = np.clip(values, 0, 255).astype(np.uint8)
@@ -134,11 +146,41 @@ class RasterLabels:
         out[~valid] = IGNORE
         return out
 
+    def _gather(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest source pixel of every grid pixel centre, from one read of the source pixels used."""
+        g, s = self.grid.transform, self.src.transform
+        rows = _source_index(window.row_off, window.height, g.f, g.e, s.f, s.e)
+        cols = _source_index(window.col_off, window.width, g.c, g.a, s.c, s.a)
+        # a pixel counts when it is on the grid (as with the warped VRT) and on the label raster
+        grid_rows = np.arange(int(window.row_off), int(window.row_off + window.height))
+        grid_cols = np.arange(int(window.col_off), int(window.col_off + window.width))
+        in_rows = (rows >= 0) & (rows < self.src.height) & (grid_rows >= 0) & (grid_rows < self.grid.height)
+        in_cols = (cols >= 0) & (cols < self.src.width) & (grid_cols >= 0) & (grid_cols < self.grid.width)
+        if not in_rows.any() or not in_cols.any():
+            shape = (1, int(window.height), int(window.width))
+            return np.zeros(shape, self.src.dtypes[0]), np.zeros(shape[1:], bool)
+        r0, r1 = int(rows[in_rows].min()), int(rows[in_rows].max()) + 1
+        c0, c1 = int(cols[in_cols].min()), int(cols[in_cols].max()) + 1
+        block, ok = read_padded(self.src, Window(c0, r0, c1 - c0, r1 - r0), [1])
+        ri, ci = np.clip(rows, r0, r1 - 1) - r0, np.clip(cols, c0, c1 - 1) - c0
+        values = block[:, ri[:, None], ci[None, :]]
+        return values, ok[ri[:, None], ci[None, :]] & in_rows[:, None] & in_cols[None, :]
+
     def close(self) -> None:
         """Release the datasets."""
         if self.view is not self.src:
             self.view.close()
         self.src.close()
+
+
+def _north_up(transform) -> bool:
+    return transform.b == 0 and transform.d == 0 and transform.a > 0 and transform.e < 0
+
+
+def _source_index(first: float, count: float, origin: float, res: float, src_origin: float, src_res: float):
+    """Source pixel index holding each grid pixel centre along one axis (GDAL's nearest rule)."""
+    centres = origin + (np.arange(int(first), int(first) + int(count)) + 0.5) * res
+    return np.floor((centres - src_origin) / src_res + 1e-10).astype(np.int64)
 
 
 class PolygonLabels:

@@ -24,6 +24,7 @@ LIBRARY: tuple[tuple[str, tuple[float, float, float, float]], ...] = (
 )
 SOIL = np.array([0.080, 0.115, 0.150, 0.220], np.float32)  # harvested / ploughed fields
 TINT = np.array([-0.3, 0.45, -0.6, 0.45], np.float32)  # per-band response to "greenness"
+ABSENT = np.float32(-10.0)  # class bias of a land cover a scene lacks: its score never wins
 _M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B1)
 
 Noise = Callable[[float, int], np.ndarray]
@@ -86,8 +87,15 @@ class Look:
     blocks: tuple[float, float, float]  # urban street grid angle, block period (m), aspect
 
 
-def make_look(rng: np.random.Generator, n_classes: int, gsd: float, sigma: float) -> Look:
-    """Draw one scene's landscape and appearance: class jitter, season, atmosphere, sensor."""
+def make_look(
+    rng: np.random.Generator, n_classes: int, gsd: float, sigma: float, absent: tuple[int, ...] = ()
+) -> Look:
+    """Draw one scene's landscape and appearance: class make-up, season, atmosphere, sensor.
+
+    Scenes differ the way places and acquisitions do, so one scene cannot stand for the rest:
+    a place lacks the land covers in ``absent`` (a desert has no forest, a city no cropland)
+    and has its own abundances, vegetation state, haze, illumination and band gains.
+    """
     sig = np.array([s for _, s in LIBRARY[:n_classes]], np.float32)
     sig *= np.exp(rng.normal(0.0, 0.07, sig.shape)).astype(np.float32)  # per-class jitter
     season = rng.uniform(-1.0, 1.0)  # greener or browner vegetation
@@ -100,6 +108,7 @@ def make_look(rng: np.random.Generator, n_classes: int, gsd: float, sigma: float
     offset = (rng.uniform(0.0, 1.0) * np.array([0.02, 0.014, 0.01, 0.004])).astype(np.float32)
     cell = max(rng.uniform(150.0, 400.0), rng.uniform(1.6, 2.4) * 64 * gsd)
     bias = rng.normal(0.0, 0.05, n_classes).astype(np.float32)
+    bias[list(absent)] = ABSENT
     return Look(
         seed=int(rng.integers(2**31)),
         gsd=gsd,

@@ -231,3 +231,18 @@ def test_windows_cover_scene_once():
         assert w.row_off % 256 == 0 and w.col_off % 256 == 0
         seen[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += 1
     assert (seen == 1).all()
+
+
+def test_places_lack_different_land_covers():
+    """Each scene lacks one land cover, dealt so every class is missing from equally many scenes."""
+    from stages.synth_fields import ABSENT, grid_classes
+
+    plans = synth.plan_scenes(SynthesizeParams(scenes=10, min_size=100, max_size=160, seed=7), 5)
+    lacking = [np.flatnonzero(p.look.bias == ABSENT).tolist() for p in plans]
+    assert all(len(a) == 1 for a in lacking)
+    assert np.bincount([a[0] for a in lacking], minlength=5).tolist() == [2] * 5
+    for plan, (absent,) in zip(plans[:3], lacking[:3], strict=True):
+        xs = np.linspace(0, 4000, 200)
+        assert absent not in np.unique(grid_classes(plan.look, xs, xs))
+    few = synth.plan_scenes(SynthesizeParams(scenes=4, min_size=100, max_size=160, seed=7), 3)
+    assert not any((p.look.bias == ABSENT).any() for p in few)

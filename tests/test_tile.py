@@ -182,3 +182,41 @@ def test_parallel_tiling_matches_serial(tmp_path, scenes):
         a = read_index(tmp_path / "tiles" / scene)
         b = read_index(tmp_path / "tiles2" / scene)
         assert a == b
+
+
+@pytest.mark.parametrize("res,offset", [(4.0, (0.0, 0.0)), (3.0, (1.3, -0.7)), (0.5, (0.2, 0.1))])
+def test_same_crs_label_raster_matches_a_whole_raster_nearest_warp(tmp_path, res, offset):
+    """A label raster in the grid's CRS (coarser, finer, shifted, partly off the scene, with nodata)
+    lands on every window exactly as GDAL's nearest-neighbour warp of the whole raster does."""
+    from rasterio.crs import CRS
+    from rasterio.warp import Resampling, reproject
+    from rasterio.windows import Window
+
+    from stages.labels import RasterLabels
+    from stages.raster_io import Grid
+
+    grid = Grid(CRS.from_epsg(32633), from_origin(500000, 4000000, 1.0, 1.0), 203, 157)
+    n = int(260 / res)
+    values = np.random.default_rng(0).integers(0, 6, (n, n), dtype=np.uint8)  # 0: nodata
+    transform = from_origin(500000 - 30 + offset[0], 4000000 + 20 + offset[1], res, res)
+    path = write_raster(tmp_path / "labels.tif", values, "EPSG:32633", transform, nodata=0)
+    params = tiny_params(tmp_path)
+    reader = RasterLabels(path, grid, params.data)
+    assert reader.rectilinear
+    want = np.zeros((grid.height, grid.width), np.uint8)
+    reproject(values, want, src_transform=transform, src_crs=grid.crs, dst_transform=grid.transform,
+              dst_crs=grid.crs, resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)  # fmt: skip
+    lut = np.full(256, IGNORE, np.uint8)
+    lut[1:6] = np.arange(5)
+    for window in (Window(0, 0, 203, 157), Window(-20, 30, 64, 64), Window(150, 120, 100, 90)):
+        got = reader.read(window)
+        expect = np.full((int(window.height), int(window.width)), IGNORE, np.uint8)
+        r0, c0 = max(0, int(window.row_off)), max(0, int(window.col_off))
+        r1 = min(grid.height, int(window.row_off + window.height))
+        c1 = min(grid.width, int(window.col_off + window.width))
+        expect[
+            r0 - int(window.row_off) : r1 - int(window.row_off),
+            c0 - int(window.col_off) : c1 - int(window.col_off),
+        ] = lut[want[r0:r1, c0:c1]]
+        assert (got == expect).all()
+    reader.close()
