@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -125,25 +126,55 @@ class Measured(NamedTuple):
     cpu_seconds: float
 
 
+# The child reports its own high-water RSS (VmHWM of its address space) on exit. The rusage of
+# wait4 cannot be used: Linux carries the RSS peak of the process that called exec over into the
+# new program's ru_maxrss, so every child would report at least this (large) parent's peak.
+_PEAK_PROBE = """
+import atexit as _atexit, sys as _sys
+def _report_peak():
+    for _line in open("/proc/self/status"):
+        if _line.startswith("VmHWM:"):
+            _sys.stderr.write("\\n__peak_rss_kb__ " + _line.split()[1] + "\\n")
+_atexit.register(_report_peak)
+"""
+
+
 def run_measured(
     code: str, env: dict | None = None, python: str | Path = sys.executable, cwd: Path = ROOT
 ) -> Measured:
-    """Run python code in a fresh process; returns wall seconds, peak RSS in MB, stdout, CPU seconds."""
+    """Run python code in a fresh process; returns wall seconds, its own peak RSS in MB, stdout, CPU s.
+
+    The peak is the child's own address space (not its subprocesses': tile workers report apart).
+    """
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [str(python), "-c", code],
+        [str(python), "-c", _PEAK_PROBE + code],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
         text=True,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.communicate()
     seconds = time.perf_counter() - started
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{out}\n{err}")
-    return Measured(seconds, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime)
+    peaks = [line.split()[1] for line in err.splitlines() if line.startswith("__peak_rss_kb__ ")]
+    rss_mb = int(peaks[-1]) / 1024 if peaks else float("nan")
+    cpu = usage.ru_utime + usage.ru_stime - _cpu_so_far()
+    return Measured(seconds, rss_mb, out, cpu)
+
+
+_CHILD_CPU = [0.0]
+
+
+def _cpu_so_far() -> float:
+    """CPU seconds of children reaped before the current one (RUSAGE_CHILDREN is cumulative)."""
+    before = _CHILD_CPU[0]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _CHILD_CPU[0] = usage.ru_utime + usage.ru_stime
+    return before
 
 
 def machine() -> dict:

@@ -91,7 +91,7 @@ def setup(tiles: Path, split_json: Path):
     return p, stores, ref, loader, model, optimizer, loss_fn, device
 
 
-def measure(batches: int = 20, rounds: int = 3) -> dict:
+def measure(batches: int = 30, rounds: int = 5) -> dict:
     """Best-of-rounds images/s of the training step fed from the store and from memory."""
     import torch
 

@@ -1,7 +1,8 @@
 """Against TorchGeo's way: tiles/s delivered by reading random windows of the GeoTIFF on the fly.
 
 TorchGeo (0.8.1, with torch 2.14.1 / torchvision 0.29.1) lives in its own environment,
-benchmarks/.work/torchgeo-venv, created on first use (about 6 GB, a few minutes) and reused after;
+$XDG_CACHE_HOME/tilepipe/torchgeo-0.8.1-venv (~/.cache by default), created on first use (about
+6 GB, 4 min here) and reused by later runs and by other clones of the project;
 benchmarks/torchgeo_side.py runs inside it. tilepipe's side is its training loader
 (stages.dataset.TileBatches + make_loader, no workers) over the tiles of the same scene, cut at
 the same tile size. Both sides deliver float32 tensors in batches of BATCH, one thread each.
@@ -10,6 +11,7 @@ the same tile size. Both sides deliver float32 tensors in batches of BATCH, one 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import WORK, make_labels, make_scene, run_measured
 from benchmarks.tiling import SIZE, _catalog
 
-VENV = WORK / "torchgeo-venv"
+VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilepipe" / "torchgeo-0.8.1-venv"
 PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "torchgeo==0.8.1", "requests"]
 TILE, BATCH, SAMPLES = 256, 64, 1280
 

@@ -58,9 +58,13 @@ def write_text(target: Path | str, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(target: Path | str, obj: Any) -> None:
-    """Atomically write pretty JSON."""
-    write_text(target, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+def write_json(target: Path | str, obj: Any, compact: bool = False) -> None:
+    """Atomically write JSON: pretty, or ``compact`` for big machine-read files.
+
+    (Any ``indent`` sends ``json`` to its pure-Python encoder, ~10x slower than the C one.)
+    """
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    write_text(target, text + "\n")
 
 
 @contextmanager

@@ -163,8 +163,9 @@ class RasterLabels:
         c0, c1 = int(cols[in_cols].min()), int(cols[in_cols].max()) + 1
         block, ok = read_padded(self.src, Window(c0, r0, c1 - c0, r1 - r0), [1])
         ri, ci = np.clip(rows, r0, r1 - 1) - r0, np.clip(cols, c0, c1 - 1) - c0
-        values = block[:, ri[:, None], ci[None, :]]
-        return values, ok[ri[:, None], ci[None, :]] & in_rows[:, None] & in_cols[None, :]
+        values = block.take(ri, axis=1).take(ci, axis=2)  # two 1-d gathers: far faster than one 2-d
+        ok = ok.take(ri, axis=0).take(ci, axis=1)
+        return values, ok & in_rows[:, None] & in_cols[None, :]
 
     def close(self) -> None:
         """Release the datasets."""

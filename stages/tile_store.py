@@ -36,10 +36,19 @@ class _HashingWriter:
         return self.fh.write(data)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> str:
+def _save_npy(path: Path, pieces: list[np.ndarray]) -> str:
+    """Write ``pieces`` (same dtype and trailing shape) as one ``.npy`` without concatenating them."""
+    first = pieces[0]
+    header = {
+        "descr": np.lib.format.dtype_to_descr(first.dtype),
+        "fortran_order": False,
+        "shape": (sum(len(p) for p in pieces), *first.shape[1:]),
+    }
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         writer = _HashingWriter(fh)
-        np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+        np.lib.format.write_array_header_1_0(writer, header)
+        for piece in pieces:
+            writer.write(memoryview(np.ascontiguousarray(piece)).cast("B"))
         fh.flush()
     return writer.digest.hexdigest()
 
@@ -94,8 +103,8 @@ class ShardWriter:
                 "labels": labels,
                 "count": self._count,
                 "sha256": {
-                    images: _save_npy(self.out_dir / images, np.concatenate(self._images)),
-                    labels: _save_npy(self.out_dir / labels, np.concatenate(self._labels)),
+                    images: _save_npy(self.out_dir / images, self._images),
+                    labels: _save_npy(self.out_dir / labels, self._labels),
                 },
             }
         )
@@ -104,7 +113,7 @@ class ShardWriter:
 
 def write_index(scene_dir: Path, index: dict[str, Any]) -> None:
     """Write a scene's index last, so its presence means the shards are complete."""
-    write_json(scene_dir / INDEX, index)
+    write_json(scene_dir / INDEX, index, compact=True)
 
 
 def read_index(scene_dir: Path) -> dict[str, Any]:
