@@ -146,6 +146,7 @@ def run_measured(
 
     The peak is the child's own address space (not its subprocesses': tile workers report apart).
     """
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(
         [str(python), "-c", _PEAK_PROBE + code],
@@ -157,24 +158,17 @@ def run_measured(
     )
     out, err = proc.communicate()
     seconds = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{out}\n{err}")
     peaks = [line.split()[1] for line in err.splitlines() if line.startswith("__peak_rss_kb__ ")]
     rss_mb = int(peaks[-1]) / 1024 if peaks else float("nan")
-    cpu = usage.ru_utime + usage.ru_stime - _cpu_so_far()
-    return Measured(seconds, rss_mb, out, cpu)
+    return Measured(seconds, rss_mb, out, _children_cpu() - cpu_before)
 
 
-_CHILD_CPU = [0.0]
-
-
-def _cpu_so_far() -> float:
-    """CPU seconds of children reaped before the current one (RUSAGE_CHILDREN is cumulative)."""
-    before = _CHILD_CPU[0]
+def _children_cpu() -> float:
+    """CPU seconds of every child reaped so far (RUSAGE_CHILDREN is cumulative)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    _CHILD_CPU[0] = usage.ru_utime + usage.ru_stime
-    return before
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine() -> dict:

@@ -149,11 +149,11 @@ class RasterLabels:
     def _gather(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Nearest source pixel of every grid pixel centre, from one read of the source pixels used."""
         g, s = self.grid.transform, self.src.transform
-        rows = _source_index(window.row_off, window.height, g.f, g.e, s.f, s.e)
-        cols = _source_index(window.col_off, window.width, g.c, g.a, s.c, s.a)
-        # a pixel counts when it is on the grid (as with the warped VRT) and on the label raster
         grid_rows = np.arange(int(window.row_off), int(window.row_off + window.height))
         grid_cols = np.arange(int(window.col_off), int(window.col_off + window.width))
+        rows = _source_index(grid_rows, g.f, g.e, s.f, s.e)
+        cols = _source_index(grid_cols, g.c, g.a, s.c, s.a)
+        # a pixel counts when it is on the grid (as with the warped VRT) and on the label raster
         in_rows = (rows >= 0) & (rows < self.src.height) & (grid_rows >= 0) & (grid_rows < self.grid.height)
         in_cols = (cols >= 0) & (cols < self.src.width) & (grid_cols >= 0) & (grid_cols < self.grid.width)
         if not in_rows.any() or not in_cols.any():
@@ -178,9 +178,9 @@ def _north_up(transform) -> bool:
     return transform.b == 0 and transform.d == 0 and transform.a > 0 and transform.e < 0
 
 
-def _source_index(first: float, count: float, origin: float, res: float, src_origin: float, src_res: float):
+def _source_index(positions: np.ndarray, origin: float, res: float, src_origin: float, src_res: float):
     """Source pixel index holding each grid pixel centre along one axis (GDAL's nearest rule)."""
-    centres = origin + (np.arange(int(first), int(first) + int(count)) + 0.5) * res
+    centres = origin + (positions + 0.5) * res
     return np.floor((centres - src_origin) / src_res + 1e-10).astype(np.int64)
 
 

@@ -133,10 +133,7 @@ def plan_scenes(params: SynthesizeParams, n_classes: int) -> list[Plan]:
         label_crs = _west_zone(crs) if i == 0 else CRS.from_epsg(3857) if i == 2 else crs
         if labels == "geojson" and i != 1:
             label_crs = CRS.from_epsg(4326)  # RFC 7946 lon/lat; scene 1 keeps its UTM CRS
-        absent: list[int] = []
-        for _ in range(1 if n_classes >= 4 else 0):
-            absent.append(next(c for c in deck if c not in absent))
-            deck.remove(absent[-1])
+        absent = (deck.pop(0),) if n_classes >= 4 else ()
         collar = (r.uniform(0.16, 0.3), r.uniform(0.96, 1.0)) if i % 3 != 1 else None
         cloud = make_clouds(r, w * gsd, h * gsd) if i % 3 != 0 else None
         plans.append(
@@ -151,7 +148,7 @@ def plan_scenes(params: SynthesizeParams, n_classes: int) -> list[Plan]:
                 dtype=dtype,
                 described=i != no_desc,
                 sensor=sensor,
-                look=make_look(r, n_classes, gsd, sigma, tuple(absent)),
+                look=make_look(r, n_classes, gsd, sigma, absent),
                 labels=labels,
                 label_crs=label_crs,
                 label_prop="value" if i % 4 == 1 else "name",
