@@ -103,7 +103,7 @@ class TileBatches(Dataset):
         seed, epoch, positions = item
         positions = np.asarray(positions, dtype=np.int64)
         images, labels = self.gather(positions)
-        x = torch.from_numpy(images).float()  # in [0, 1]; the model normalises (models.Normalized)
+        x = torch.from_numpy(images)  # float32 in [0, 1]; the model normalises (models.Normalized)
         if self.task == "classification":
             y = torch.from_numpy(self.ref.target[positions])
         else:
@@ -114,11 +114,11 @@ class TileBatches(Dataset):
         return x.contiguous(), y
 
     def gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw tiles (float16 images, uint8 labels) for the given positions, in that order."""
+        """Tiles (float32 images in [0, 1], uint8 labels) for the given positions, in that order."""
         scene, tile = self.ref.scene[positions], self.ref.tile[positions]
         first = self.stores[self.ref.scene_ids[scene[0]]]
-        bands, size = first.image(int(tile[0])).shape[0], first.image(int(tile[0])).shape[1]
-        images = np.empty((len(positions), bands, size, size), dtype=np.float16)
+        bands, size = first.stored_image(int(tile[0])).shape[:2]
+        images = np.empty((len(positions), bands, size, size), dtype=np.float32)
         labels = np.empty((len(positions), size, size), dtype=np.uint8)
         for s in np.unique(scene):
             store = self.stores[self.ref.scene_ids[s]]

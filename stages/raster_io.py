@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import rasterio
@@ -19,6 +23,8 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
 from stages.errors import TilepipeError, bad_file
+
+T = TypeVar("T")
 
 METRES_PER_DEGREE = 111_320.0
 _ALL_VALID = [MaskFlags.all_valid]
@@ -171,23 +177,52 @@ def aligned(src: rasterio.io.DatasetReader, grid: Grid, resampling: Resampling):
     )
 
 
+def read_ahead(read: Callable[..., T], calls: Iterable[tuple], cache_mb: int, depth: int = 2) -> Iterator[T]:
+    """``read(*args)`` for each ``args`` of ``calls``, in order, run ahead by one background thread.
+
+    GDAL decodes with the GIL released, so what the caller does with one result overlaps the reads
+    of the next ``depth``. The thread has its own ``gdal_env`` (rasterio's settings are per thread);
+    while the iterator is open only that thread may touch the datasets ``read`` uses, so close it
+    (``contextlib.closing``) before closing them: that waits for the read in progress.
+    """
+
+    def in_env(*args) -> T:
+        with gdal_env(cache_mb):
+            return read(*args)
+
+    todo = iter(calls)
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = deque(pool.submit(in_env, *args) for args in islice(todo, depth))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(in_env, *args) for args in islice(todo, 1))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def read_padded(src, window: Window, indexes: list[int], fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
     """Read ``window`` (which may extend past the raster) as (data, valid mask).
 
     Pixels outside the raster, nodata pixels and non-finite values are marked invalid.
     """
     rows, cols = int(window.height), int(window.width)
-    data = np.full((len(indexes), rows, cols), fill, dtype=src.dtypes[indexes[0] - 1])
-    valid = np.zeros((rows, cols), dtype=bool)
     inner = window.intersection(Window(0, 0, src.width, src.height)) if _overlaps(src, window) else None
     if inner is None:
-        return data, valid
+        empty = np.full((len(indexes), rows, cols), fill, dtype=src.dtypes[indexes[0] - 1])
+        return empty, np.zeros((rows, cols), dtype=bool)
     r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
     h, w = int(inner.height), int(inner.width)
     block = src.read(indexes, window=inner)
     ok = _valid_mask(src, indexes, block, inner)
     if np.issubdtype(block.dtype, np.floating):
         ok &= np.all(np.isfinite(block), axis=0)
+    if (h, w) == (rows, cols):  # wholly inside the raster: no padding to add
+        return block, ok
+    data = np.full((len(indexes), rows, cols), fill, dtype=block.dtype)
+    valid = np.zeros((rows, cols), dtype=bool)
     data[:, r0 : r0 + h, c0 : c0 + w] = block
     valid[r0 : r0 + h, c0 : c0 + w] = ok
     return data, valid

@@ -14,7 +14,8 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,10 @@ from stages.errors import TilepipeError
 from stages.fsutil import atomic_dir, is_leftover, write_json
 from stages.labels import IGNORE, open_labels
 from stages.params import Params
-from stages.raster_io import aligned, gdal_env, open_raster, read_padded, scale_to_unit, target_grid
-from stages.tile_store import IMAGE_DTYPE, ShardWriter, read_index, verify_shards, write_index
+from stages.raster_io import aligned, gdal_env, open_raster, read_ahead, read_padded, target_grid
+from stages.tile_store import PixelEncoding, ShardWriter, read_index, verify_shards, write_index
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: 8/16-bit pixels stored as read (PixelEncoding)
 CHUNK_PX = 1024  # tiles are cut from reads of about this many pixels a side
 TABLE_COLUMNS = ("shard", "offset", "row", "col", "x", "y", "bounds", "nodata", "hist")
 
@@ -80,28 +81,34 @@ def tile_scene(scene: dict[str, Any], params: Params, scene_dir: Path) -> dict[s
         indexes = list(scene["input_bands"].values())
         rows, cols = tile_grid_shape(grid.width, grid.height, tp.size, tp.stride)
         step = max(1, CHUNK_PX // tp.stride)
-        writer = ShardWriter(tmp, tp.shard_mb)
+        scale = params.bands.scale
+        encoding = PixelEncoding.for_source(scene["dtype"], scale)
+        writer = ShardWriter(tmp, tp.shard_mb, encoding.dtype)
         table: dict[str, list] = {k: [] for k in TABLE_COLUMNS}
         dropped = 0
+        windows = [
+            (r0, c0, min(step, rows - r0), min(step, cols - c0))
+            for r0 in range(0, rows, step)
+            for c0 in range(0, cols, step)
+        ]
+
+        def read(r0: int, c0: int, nr: int, nc: int) -> _Chunk:
+            size, stride = tp.size, tp.stride
+            window = Window(c0 * stride, r0 * stride, (nc - 1) * stride + size, (nr - 1) * stride + size)
+            raw, valid = read_padded(view, window, indexes)
+            image, invalid = encoding.encode(raw, scene["dtype"], scale), ~valid
+            image[:, invalid] = encoding.nodata
+            label = labels.read(window)
+            label[invalid] = IGNORE
+            return _Chunk(image, label, valid, r0, c0, nr, nc)
+
         try:
-            for r0 in range(0, rows, step):
-                for c0 in range(0, cols, step):
-                    nr, nc = min(step, rows - r0), min(step, cols - c0)
-                    window = Window(
-                        c0 * tp.stride,
-                        r0 * tp.stride,
-                        (nc - 1) * tp.stride + tp.size,
-                        (nr - 1) * tp.stride + tp.size,
-                    )
-                    raw, valid = read_padded(view, window, indexes)
-                    image = to_store_dtype(raw, scene["dtype"], params.bands.scale)
-                    image[:, ~valid] = 0.0
-                    label = labels.read(window)
-                    label[~valid] = IGNORE
-                    chunk = _Chunk(image, label, valid, r0, c0, nr, nc)
+            with closing(read_ahead(read, windows, tp.gdal_cache_mb)) as chunks:
+                for chunk in chunks:
                     dropped += _cut_chunk(chunk, params, grid, writer, table)
             writer.flush()
         finally:
+            writer.close()
             labels.close()
             if view is not src:
                 view.close()
@@ -116,6 +123,7 @@ def tile_scene(scene: dict[str, Any], params: Params, scene_dir: Path) -> dict[s
             "stride": tp.stride,
             "bands": params.bands.input,
             "classes": params.data.class_names,
+            "pixels": asdict(encoding),
             "tile_count": len(table["shard"]),
             "dropped": dropped,
         }
@@ -136,24 +144,35 @@ class _Chunk:
     nc: int
 
 
-def to_store_dtype(raw: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:
-    """Scale a read onto [0, 1] as the store's float16, the same values as ``scale_to_unit`` gives.
-
-    8- and 16-bit integers go through a lookup table built with ``scale_to_unit`` itself (one
-    gather instead of a float32 pass per operation); other dtypes are scaled, then cast.
-    """
-    if raw.dtype.itemsize > 2 or not np.issubdtype(raw.dtype, np.integer):
-        return scale_to_unit(raw, dtype, scale).astype(IMAGE_DTYPE)
-    unsigned = np.dtype(f"uint{raw.dtype.itemsize * 8}")
-    every = np.arange(2 ** (raw.dtype.itemsize * 8), dtype=unsigned).view(raw.dtype)
-    lut = scale_to_unit(every, dtype, scale)
-    return lut.astype(IMAGE_DTYPE)[raw.view(unsigned)]
-
-
 def _tile_views(array: np.ndarray, size: int, stride: int, nr: int, nc: int) -> np.ndarray:
     """(..., nr, nc, size, size) strided view of the tile grid in the last two axes (no copy)."""
     view = np.lib.stride_tricks.sliding_window_view(array, (size, size), axis=(-2, -1))
     return view[..., : (nr - 1) * stride + 1 : stride, : (nc - 1) * stride + 1 : stride, :, :]
+
+
+def _cut(array: np.ndarray, size: int, stride: int, nc: int, keep: np.ndarray) -> np.ndarray:
+    """Tiles ``keep`` (row-major in a grid ``nc`` wide) of a (bands,) y, x read: (n, (bands,) size, size)."""
+    nr, lead = (array.shape[-2] - size) // stride + 1, array.ndim - 2
+    if stride != size:  # overlapping tiles: gather through the strided view
+        r, c = np.divmod(keep, nc)
+        views = _tile_views(array, size, stride, nr, nc)  # (bands,) nr, nc, size, size
+        return np.moveaxis(views, tuple(range(lead)), tuple(range(2, 2 + lead)))[r, c]
+    # side-by-side tiles: one transposing copy is about twice as fast as that gather
+    grid = array.reshape(*array.shape[:-2], nr, size, nc, size)
+    grid = np.moveaxis(grid, (lead, lead + 2), (0, 1))  # nr, nc, (bands,) size, size
+    tiles = np.ascontiguousarray(grid).reshape(nr * nc, *array.shape[:-2], size, size)
+    return tiles if len(keep) == nr * nc else tiles[keep]
+
+
+def _histograms(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-tile counts of each class and of ignored pixels, for (tiles, pixels) labels."""
+    if n_classes < 8:  # a few compare-and-count passes beat one bincount over int64 keys
+        values = (*range(n_classes), IGNORE)
+        return np.stack([np.count_nonzero(labels == v, axis=1) for v in values], axis=1)
+    first = (np.arange(len(labels), dtype=np.int64) * 256)[:, None]  # one bincount: tile k's values at 256 k
+    counts = np.bincount((labels.astype(np.int64) + first).ravel(), minlength=len(labels) * 256)
+    counts = counts.reshape(len(labels), 256)
+    return np.concatenate([counts[:, :n_classes], counts[:, IGNORE : IGNORE + 1]], axis=1)
 
 
 def _cut_chunk(chunk: _Chunk, params: Params, grid, writer: ShardWriter, table: dict) -> int:
@@ -169,13 +188,9 @@ def _cut_chunk(chunk: _Chunk, params: Params, grid, writer: ShardWriter, table: 
     if len(keep) == 0:
         return chunk.nr * chunk.nc
     r, c = np.divmod(keep, chunk.nc)
-    images = np.moveaxis(_tile_views(chunk.image, size, stride, chunk.nr, chunk.nc), 0, 2)[r, c]
-    labels = _tile_views(chunk.label, size, stride, chunk.nr, chunk.nc)[r, c]
+    images, labels = (_cut(a, size, stride, chunk.nc, keep) for a in (chunk.image, chunk.label))
     shards, offsets = writer.add_many(images, labels)
-    first = (np.arange(len(keep), dtype=np.int64) * 256)[:, None]  # one bincount: tile k's values at 256 k
-    flat = labels.reshape(len(keep), -1).astype(np.int64) + first
-    counts = np.bincount(flat.ravel(), minlength=len(keep) * 256).reshape(len(keep), 256)
-    hist = np.concatenate([counts[:, :n_classes], counts[:, IGNORE : IGNORE + 1]], axis=1)
+    hist = _histograms(labels.reshape(len(keep), -1), n_classes)
     row, col = chunk.r0 + r, chunk.c0 + c
     px, py = col * stride, row * stride
     a, b, xoff, d, e, yoff = grid.transform[:6]

@@ -5,12 +5,18 @@ slice), a scene becomes a handful of files DVC hashes quickly (one file per tile
 DVC and filesystems at millions of tiles), and any tool can open them. Shards are
 written whole from a bounded buffer (``tile.shard_mb``) to a temp file and renamed, and
 their SHA-256 sits in the index, so a truncated shard is never accepted.
+
+Pixels are kept as the scene stores them when it holds 8- or 16-bit integers (half the bytes of
+float16 or less, and no conversion while tiling); readers map them onto [0, 1] with the scene's
+``bands.scale`` through a lookup table, the same values as ``raster_io.scale_to_unit`` gives.
+Other dtypes are stored already scaled, as float16.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,60 @@ import numpy as np
 
 from stages.errors import TilepipeError
 from stages.fsutil import atomic_path, file_sha256, write_json
+from stages.raster_io import scale_to_unit
 
 INDEX = "index.json"
-IMAGE_DTYPE = np.float16
+UNIT_DTYPE = "float16"  # how pixels of dtypes not stored as read are kept: scaled onto [0, 1]
+
+
+@dataclass(frozen=True)
+class PixelEncoding:
+    """How a scene's shards hold pixels: ``dtype`` values mapped linearly from [low, high] onto [0, 1]."""
+
+    dtype: str
+    low: float = 0.0
+    high: float = 1.0
+
+    @classmethod
+    def for_source(cls, dtype: str, scale: dict[str, tuple[float, float]]) -> PixelEncoding:
+        """Source integers of up to 16 bits as read; anything else scaled to float16."""
+        source, (low, high) = np.dtype(dtype), scale[dtype]
+        # nodata is stored as the dtype's minimum, which must scale to 0 (it does when low >= minimum)
+        if np.issubdtype(source, np.integer) and source.itemsize <= 2 and low >= np.iinfo(source).min:
+            return cls(source.name, float(low), float(high))
+        return cls(UNIT_DTYPE)
+
+    @classmethod
+    def from_index(cls, index: dict[str, Any]) -> PixelEncoding:
+        """The encoding an index records (stores written before it was recorded hold float16)."""
+        return cls(**index.get("pixels", {"dtype": UNIT_DTYPE}))
+
+    @property
+    def nodata(self) -> float:
+        """The stored value of nodata pixels: it maps to 0."""
+        kind = np.dtype(self.dtype)
+        return float(np.iinfo(kind).min) if np.issubdtype(kind, np.integer) else 0.0
+
+    def encode(self, raw: np.ndarray, source_dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:
+        """A read of the source in this encoding (no copy when stored as read)."""
+        if self.dtype == UNIT_DTYPE:
+            return scale_to_unit(raw, source_dtype, scale).astype(UNIT_DTYPE)
+        return raw.astype(self.dtype, copy=False)
+
+    def unit_table(self) -> np.ndarray | None:
+        """float32 value in [0, 1] of every stored integer (indexed by its unsigned bits), or None."""
+        kind = np.dtype(self.dtype)
+        if not np.issubdtype(kind, np.integer):
+            return None
+        every = np.arange(2 ** (8 * kind.itemsize), dtype=f"uint{8 * kind.itemsize}").view(kind)
+        return scale_to_unit(every, kind.name, {kind.name: (self.low, self.high)})
+
+
+def to_unit(stored: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+    """Stored pixels as float32 in [0, 1], given their encoding's ``unit_table``."""
+    if table is None:
+        return stored.astype(np.float32)
+    return table[stored.view(f"uint{8 * stored.dtype.itemsize}")]
 
 
 class _HashingWriter:
@@ -55,27 +112,36 @@ def _save_npy(path: Path, pieces: list[np.ndarray]) -> str:
 
 @dataclass
 class ShardWriter:
-    """Buffers tiles of one scene and writes them as shards of about ``shard_mb`` MB."""
+    """Buffers tiles of one scene and writes them as shards of about ``shard_mb`` MB.
+
+    A full shard is written (hashed, written, fsynced) by one background thread while the caller
+    reads and cuts the next chunk: those calls release the GIL, so reading and writing overlap.
+    At most one shard is in flight, so memory stays at about two shards.
+    """
 
     out_dir: Path
     shard_mb: int
+    image_dtype: str = UNIT_DTYPE
     shards: list[dict[str, Any]] = field(default_factory=list)
     _images: list[np.ndarray] = field(default_factory=list)
     _labels: list[np.ndarray] = field(default_factory=list)
     _bytes: int = 0
     _count: int = 0
+    _pool: ThreadPoolExecutor | None = None
+    _in_flight: Future | None = None
 
     def add(self, image: np.ndarray, label: np.ndarray) -> tuple[int, int]:
         """Queue one tile; returns its (shard number, offset in shard)."""
-        shards, offsets = self.add_many(image.astype(IMAGE_DTYPE)[None], label.astype(np.uint8)[None])
+        shards, offsets = self.add_many(image[None], label[None])
         return int(shards[0]), int(offsets[0])
 
     def add_many(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Queue tiles (n x bands x size x size, n x size x size); returns their shards and offsets.
 
         Shards break after the tile that brings them to ``shard_mb``, exactly as one ``add`` per tile.
+        The arrays are kept until written: do not change them afterwards.
         """
-        images, labels = images.astype(IMAGE_DTYPE, copy=False), labels.astype(np.uint8, copy=False)
+        images, labels = images.astype(self.image_dtype, copy=False), labels.astype(np.uint8, copy=False)
         n, limit = len(images), self.shard_mb * 1024 * 1024
         per_tile = images[0].nbytes + labels[0].nbytes if n else 1
         shards, offsets = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
@@ -88,27 +154,43 @@ class ShardWriter:
             self._labels.append(labels[start : start + take])
             self._count, self._bytes, start = self._count + take, self._bytes + take * per_tile, start + take
             if self._bytes >= limit:
-                self.flush()
+                self._submit()
         return shards, offsets
 
     def flush(self) -> None:
-        """Write the buffered tiles as the next shard."""
+        """Write the buffered tiles as the next shard and wait until every shard is on disk."""
+        self._submit()
+        self._wait()
+
+    def close(self) -> None:
+        """Wait for the shard in flight (if any) and stop the writer thread; call on every exit path."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _submit(self) -> None:
         if not self._images:
             return
+        self._wait()
         number = len(self.shards)
         images, labels = f"images-{number:05d}.npy", f"labels-{number:05d}.npy"
-        self.shards.append(
-            {
-                "images": images,
-                "labels": labels,
-                "count": self._count,
-                "sha256": {
-                    images: _save_npy(self.out_dir / images, self._images),
-                    labels: _save_npy(self.out_dir / labels, self._labels),
-                },
-            }
-        )
+        shard = {"images": images, "labels": labels, "count": self._count, "sha256": {}}
+        self.shards.append(shard)
+        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._in_flight = self._pool.submit(self._write, shard, self._images, self._labels)
         self._images, self._labels, self._bytes, self._count = [], [], 0, 0
+
+    def _write(self, shard: dict[str, Any], images: list[np.ndarray], labels: list[np.ndarray]) -> None:
+        shard["sha256"][shard["images"]] = _save_npy(self.out_dir / shard["images"], images)
+        shard["sha256"][shard["labels"]] = _save_npy(self.out_dir / shard["labels"], labels)
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            done, self._in_flight = self._in_flight, None
+            done.result()  # re-raises a write error here, in the caller's thread
 
 
 def write_index(scene_dir: Path, index: dict[str, Any]) -> None:
@@ -149,6 +231,8 @@ class SceneTiles:
             raise TilepipeError(problem)
         self._images = [np.load(self.dir / s["images"], mmap_mode="r") for s in self.index["shards"]]
         self._labels = [np.load(self.dir / s["labels"], mmap_mode="r") for s in self.index["shards"]]
+        self.encoding = PixelEncoding.from_index(self.index)
+        self._unit = self.encoding.unit_table()
         tiles = self.index["tiles"]
         self.shard_of = np.asarray(tiles["shard"], dtype=np.int64)
         self.offset_of = np.asarray(tiles["offset"], dtype=np.int64)
@@ -156,16 +240,20 @@ class SceneTiles:
     def __len__(self) -> int:
         return len(self.shard_of)
 
-    def image(self, i: int) -> np.ndarray:
-        """Tile ``i`` as (bands, size, size) float16 in [0, 1], memory-mapped."""
+    def stored_image(self, i: int) -> np.ndarray:
+        """Tile ``i`` as stored (bands, size, size), memory-mapped: see ``encoding``."""
         return self._images[self.shard_of[i]][self.offset_of[i]]
+
+    def image(self, i: int) -> np.ndarray:
+        """Tile ``i`` as (bands, size, size) float32 in [0, 1]."""
+        return to_unit(self.stored_image(i), self._unit)
 
     def label(self, i: int) -> np.ndarray:
         """Tile ``i`` labels as (size, size) class indexes (255 = ignore)."""
         return self._labels[self.shard_of[i]][self.offset_of[i]]
 
     def gather(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images and labels of many tiles at once: one sorted fancy index per shard."""
+        """Images (float32 in [0, 1]) and labels of many tiles: one sorted fancy index per shard."""
         shards, offsets = self.shard_of[tiles], self.offset_of[tiles]
         first = self._images[0]
         images = np.empty((len(tiles), *first.shape[1:]), dtype=first.dtype)
@@ -173,9 +261,9 @@ class SceneTiles:
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
             rows = rows[np.argsort(offsets[rows], kind="stable")]
-            images[rows] = self._images[shard][offsets[rows]]
+            images[rows] = self._images[shard][offsets[rows]]  # stays stored: converted once, below
             labels[rows] = self._labels[shard][offsets[rows]]
-        return images, labels
+        return to_unit(images, self._unit), labels
 
     def histograms(self) -> np.ndarray:
         """Per-tile class histograms (tiles x (classes + 1)); the last column counts ignored pixels."""

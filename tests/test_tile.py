@@ -220,3 +220,57 @@ def test_same_crs_label_raster_matches_a_whole_raster_nearest_warp(tmp_path, res
         ] = lut[want[r0:r1, c0:c1]]
         assert (got == expect).all()
     reader.close()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stored", "high"),
+    [
+        ("uint8", "uint8", 255),
+        ("uint16", "uint16", 12000),
+        ("int16", "int16", 12000),
+        ("float32", "float16", 1.2),
+    ],
+)
+def test_pixels_are_stored_compactly_and_read_as_the_scaled_values(tmp_path, dtype, stored, high):
+    """8/16-bit scenes keep their integers in the store; readers see exactly scale_to_unit's values."""
+    from stages.raster_io import scale_to_unit
+    from stages.tile_store import PixelEncoding
+
+    rng = np.random.default_rng(1)
+    values = rng.uniform(1, high, (3, 40, 48)).astype(dtype)  # some above the scale's top: clipped
+    values[:, :, :5] = 0  # nodata columns
+    image = write_raster(
+        tmp_path / "s.tif", values, "EPSG:32633", from_origin(*ORIGIN, 1, 1), nodata=0,
+        descriptions=["red", "green", "blue"],
+    )  # fmt: skip
+    labels = write_raster(tmp_path / "s_labels.tif", np.full((40, 48), 2, np.uint8), nodata=0,
+                          transform=from_origin(*ORIGIN, 1, 1))  # fmt: skip
+    catalog = write_catalog(tmp_path, [{"scene_id": "s", "image": image.name, "labels": labels.name}])
+    params, _ = _run(tmp_path, catalog, "tile.size=16", "tile.stride=16", "tile.max_nodata=1.0")
+    store = SceneTiles(tmp_path / "tiles" / "s")
+    assert store.encoding == PixelEncoding.for_source(dtype, params.bands.scale)
+    assert store.stored_image(0).dtype == np.dtype(stored)
+    expected = scale_to_unit(values, dtype, params.bands.scale)
+    expected[:, :, :5] = 0.0
+    tiles = np.arange(len(store))
+    gathered, _ = store.gather(tiles[::-1])
+    for i in tiles:
+        x, y = store.index["tiles"]["x"][i], store.index["tiles"]["y"][i]
+        want = np.zeros((3, 16, 16), np.float32)  # past the scene's edge: padding, nodata
+        part = expected[:, y : y + 16, x : x + 16]
+        want[:, : part.shape[1], : part.shape[2]] = part
+        got = store.image(int(i))
+        assert got.dtype == np.float32
+        if stored == "float16":
+            np.testing.assert_allclose(got, want, atol=1e-3)
+        else:
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(gathered[len(tiles) - 1 - i], got)
+
+
+def test_integer_range_below_the_dtype_falls_back_to_float16():
+    from stages.tile_store import PixelEncoding
+
+    assert PixelEncoding.for_source("uint8", {"uint8": (-10.0, 245.0)}).dtype == "float16"
+    assert PixelEncoding.for_source("uint32", {"uint32": (0.0, 10000.0)}).dtype == "float16"
+    assert PixelEncoding.for_source("uint16", {"uint16": (0.0, 10000.0)}).dtype == "uint16"
