@@ -11,7 +11,8 @@ the window size, never with its area.
   radius the map equals one forward pass over the whole scene (for models.UNet on the 8 px
   lattice: :data:`UNET_EXACT_MARGIN`).
 * Classification (tile classifier): output cells of ``tile_size // 2`` px; a tile-sized window
-  at every cell position, its softmax added to the 2 x 2 cells it covers, then averaged.
+  at every cell position, its softmax added to the 2 x 2 cells it covers, then averaged. Window
+  rows are read in column blocks, so only the per-cell accumulators grow with the width.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ UNET_RECEPTIVE_RADIUS = 51
 UNET_EXACT_MARGIN = 46
 FORWARD_PIXELS = 4 * 256 * 256  # per forward pass; e.g. 4 windows of 256 px, or 256 tiles of 32 px
 EMIT_COLUMNS = 2048  # finished rows are averaged this many columns at a time
+READ_COLUMNS = 2048  # classification reads a window row this many px (plus one window's overlap) at a time
 ONE = np.ones(1, dtype=np.float32)
 
 Reader = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (float32 bands in [0, 1], valid)
@@ -211,34 +213,63 @@ def classify_strips(
     batch_size: int,
     progress: Callable[[int], object] = lambda n: None,
     with_probs: bool = True,
+    read_columns: int = READ_COLUMNS,
 ) -> Iterator[Strip]:
-    """Tile-classifier windows at every cell position; yield finished cell rows top to bottom."""
+    """Tile-classifier windows at every cell position; yield finished cell rows top to bottom.
+
+    Each window row is read in blocks of ``read_columns // cell`` window columns (overlapping by
+    ``tile_size - cell`` px), so reads do not grow with the scene's width; the batches are the
+    same as for one full-width read (the model sees the same windows in the same groups).
+    """
     cell, n_rows, n_cols = cell_grid_shape(height, width, tile_size)
     w_rows, w_cols = max(n_rows - 1, 1), max(n_cols - 1, 1)
-    span = max((w_cols - 1) * cell + tile_size, n_cols * cell)
+    per_read = max(read_columns // cell, 1)
     acc = np.zeros((n_classes, 2, n_cols + 1), dtype=np.float32)
     count = np.zeros((2, n_cols + 1), dtype=np.float32)
+    cell_ok = np.zeros((2, n_cols), dtype=bool)  # cells at least half valid, this window row's two
     for i in range(w_rows):
-        image, ok = read(Window(0, i * cell, span, max(tile_size, 2 * cell)))
-        todo = [j for j in range(w_cols) if ok[:tile_size, j * cell : j * cell + tile_size].any()]
-        progress(w_cols - len(todo))
-        for start in range(0, len(todo), batch_size):
-            cols = np.asarray(todo[start : start + batch_size])
-            probs = _softmax(
-                model, np.stack([image[:, :tile_size, j * cell : j * cell + tile_size] for j in cols])
-            )
-            for dy in (0, 1):
-                for dx in (0, 1):  # columns within a batch are distinct, so fancy += is safe
-                    acc[:, dy, cols + dx] += probs.T
-                    count[dy, cols + dx] += 1
-            progress(len(cols))
         last = i == w_rows - 1
+        pending: list[tuple[int, np.ndarray]] = []
+        for j0 in range(0, w_cols, per_read):
+            j1 = min(j0 + per_read, w_cols)
+            c1 = j1 if j1 < w_cols else n_cols  # the last read also covers the cells past the windows
+            x0 = j0 * cell
+            span = max((j1 - 1) * cell + tile_size, c1 * cell) - x0
+            image, ok = read(Window(x0, i * cell, span, max(tile_size, 2 * cell)))
+            for dy in (0, 1) if last else (0,):
+                frac = ok[dy * cell : (dy + 1) * cell, : (c1 - j0) * cell].reshape(cell, c1 - j0, cell)
+                cell_ok[dy, j0:c1] = frac.mean(axis=(0, 2)) >= 0.5
+            starts = np.arange(j1 - j0) * cell
+            seen = np.concatenate([[0], np.cumsum(ok[:tile_size].any(axis=0))])  # columns with data so far
+            todo = np.flatnonzero(seen[starts + tile_size] > seen[starts])
+            progress(j1 - j0 - len(todo))
+            pending += [(j0 + j, image[:, :tile_size, j * cell : j * cell + tile_size]) for j in todo]
+            while len(pending) >= batch_size:
+                _add_windows(model, pending[:batch_size], acc, count, progress)
+                del pending[:batch_size]
+        if pending:
+            _add_windows(model, pending, acc, count, progress)
         for dy in (0, 1) if last else (0,):
             if i + dy < n_rows:
-                frac = ok[dy * cell : (dy + 1) * cell, : n_cols * cell]
-                frac = frac.reshape(cell, n_cols, cell).mean(axis=(0, 2))
                 classes, cell_probs = _finish(
-                    acc[:, dy : dy + 1, :n_cols], ONE, count[dy, :n_cols], (frac >= 0.5)[None], with_probs
+                    acc[:, dy : dy + 1, :n_cols], ONE, count[dy, :n_cols], cell_ok[dy][None], with_probs
                 )
                 yield Strip(i + dy, classes, cell_probs)
         _roll(1, acc, count)
+
+
+def _add_windows(
+    model: nn.Module,
+    windows: list[tuple[int, np.ndarray]],
+    acc: np.ndarray,
+    count: np.ndarray,
+    progress: Callable[[int], object],
+) -> None:
+    """Add each (window column, tile) softmax to the 2 x 2 cells the window covers."""
+    cols = np.asarray([j for j, _ in windows])
+    probs = _softmax(model, np.stack([tile for _, tile in windows]))
+    for dy in (0, 1):
+        for dx in (0, 1):  # columns within a batch are distinct, so fancy += is safe
+            acc[:, dy, cols + dx] += probs.T
+            count[dy, cols + dx] += 1
+    progress(len(cols))

@@ -12,7 +12,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from stages import cli
-from stages.blend import NODATA, UNET_EXACT_MARGIN, UNET_RECEPTIVE_RADIUS, segment_strips
+from stages.blend import NODATA, UNET_EXACT_MARGIN, UNET_RECEPTIVE_RADIUS, classify_strips, segment_strips
 from stages.errors import TilepipeError
 from stages.ingest import ingest
 from stages.models import Normalized, SmallCNN, UNet
@@ -212,6 +212,48 @@ def test_classification_map_is_on_the_cell_grid(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(np.stack(tiles))), 1).mean(0).numpy()
     np.testing.assert_allclose(cells[:, 3, 5], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("gsd", [None, 1.5])
+def test_classification_reads_in_column_blocks_give_the_full_width_map(tmp_path, gsd):
+    """Reading each window row in narrow blocks changes neither classes nor probabilities (bit for bit)."""
+    width, height = 205, 61  # neither a multiple of the cell (8 px) nor of any block width below
+    image = np.random.default_rng(3).integers(1, 256, (3, height, width), dtype=np.uint8)
+    image[:, :, :21] = 0  # nodata: a band of columns, a hole across block edges, one band only
+    image[:, 20:44, 50:130] = 0
+    image[1, 3:9, 90:] = 0
+    path = write_raster(tmp_path / "s.tif", image, nodata=0, descriptions=RGB)
+    torch.manual_seed(0)
+    model = Normalized(SmallCNN(3, len(CLASSES), 4), [0.5] * 3, [0.3] * 3).eval()
+    meta = cls_meta(gsd=gsd)
+
+    def classify(block):
+        widths, windows = [], []
+
+        def read(window):
+            widths.append(int(window.width))
+            return scene.read(window)
+
+        with open_scene(path, meta) as scene:
+            h, w = scene.grid.height, scene.grid.width
+            run = classify_strips(model, read, h, w, len(CLASSES), 16, 3, windows.append, read_columns=block)
+            strips = list(run)
+        assert [s.row for s in strips] == list(range(len(strips))) == list(range(-(-h // 8)))
+        assert sum(windows) == (-(-h // 8) - 1) * (-(-w // 8) - 1)  # every window once
+        return np.stack([s.classes[0] for s in strips]), np.stack([s.probs[:, 0] for s in strips]), widths, w
+
+    classes, probs, widths, w = classify(10**9)
+    assert set(widths) == {-(-w // 8) * 8}  # one full-width read per window row
+    if gsd is None:  # nodata cells: more than half nodata (pixels past the edge count as nodata)
+        valid = np.zeros((64, 208))
+        valid[:height, :width] = (image > 0).all(axis=0)
+        np.testing.assert_array_equal(classes == NODATA, valid.reshape(8, 8, 26, 8).mean(axis=(1, 3)) < 0.5)
+    assert (classes == NODATA).any() and (classes != NODATA).any()
+    for read_columns in (8, 24, 40):  # 1, 3 and 5 windows per read; batches of 3 straddle reads
+        got_classes, got_probs, widths, _ = classify(read_columns)
+        assert max(widths) <= read_columns + 16 and len(widths) > len(classes)
+        np.testing.assert_array_equal(got_classes, classes)
+        np.testing.assert_array_equal(got_probs.view(np.uint32), probs.view(np.uint32))
 
 
 def test_map_is_resampled_to_the_models_ground_resolution(tmp_path):
