@@ -63,7 +63,7 @@ def ensure_venv() -> Path | None:
     print(f"  creating {VENV} (torchgeo 0.8.1; torch and torchvision come from local disk)", flush=True)
     try:
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", *PACKAGES]
+        pip = [str(python), "-m", "pip", "install", "-q", "--no-compile", *PACKAGES]  # no .pyc pass over 6 GB
         subprocess.run(pip, check=True, timeout=1800)
         subprocess.run([str(python), "-c", "import torchgeo.datasets, torchgeo.samplers"], check=True)
     except (subprocess.SubprocessError, OSError) as exc:
