@@ -145,7 +145,11 @@ def run_measured(
     """Run python code in a fresh process; returns wall seconds, its own peak RSS in MB, stdout, CPU s.
 
     The peak is the child's own address space (not its subprocesses': tile workers report apart).
+    Dirty pages are flushed first, so writeback of what was just generated (GBs of scenes and
+    tiles) does not run beside the child (a data-path run right after building the default data
+    measured 10.5% overhead, the same measurement alone -1.5%).
     """
+    os.sync()
     cpu_before = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(
