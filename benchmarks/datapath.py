@@ -120,8 +120,9 @@ def measure(batches: int = 80) -> dict:
     """
     import torch
 
-    from stages.loops import train_epoch
+    from stages.loops import keep_freed_memory, train_epoch
 
+    keep_freed_memory()  # both sides are tilepipe's step, as `tilepipe train` runs it
     p, _, _, loader, model, optimizer, loss_fn, device = setup(*default_data())
     loader.sampler.set_epoch(1)
     held = list(Batches(loader, batches))  # the very tensors the store-fed loader delivers

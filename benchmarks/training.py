@@ -75,7 +75,7 @@ def measure(side: str, epochs: int = EPOCHS) -> dict:
     from torch import nn
 
     from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
-    from stages.loops import score, train_epoch
+    from stages.loops import keep_freed_memory, score, train_epoch
     from stages.metrics import summarize
 
     tiles, split_json = default_data()
@@ -83,6 +83,8 @@ def measure(side: str, epochs: int = EPOCHS) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if side == "plain":
         model = model.to(memory_format=torch.contiguous_format)  # NCHW, as a plain loop has it
+    else:
+        keep_freed_memory()  # as `tilepipe train` does
     seconds, seen = 0.0, 0
     for epoch in range(1, epochs + 1):
         if side == "plain":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import sys
 import time
@@ -36,6 +37,25 @@ def native_bf16(device_type: str) -> bool:
 def _channels_last(device: torch.device, precision: Precision) -> bool:
     """channels_last (NHWC) on the CPU, fp32 or bf16: oneDNN convolutions then skip a reorder per call."""
     return device.type == "cpu" or precision == "bf16"
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the OS after every step.
+
+    A training step frees and re-allocates tens of MB of activations; by default glibc unmaps or
+    trims such blocks, and the next step faults them in again, zeroed: 20-35 thousand page faults
+    per step of the default model here, and 10-25% of its time. Memory stays at the step's peak,
+    which it reaches every step anyway. Linux/glibc only; returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:

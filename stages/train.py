@@ -24,7 +24,7 @@ from stages.dataset import (
 )
 from stages.errors import TilepipeError
 from stages.fsutil import atomic_path, file_sha256, remove_leftovers, write_json, write_text
-from stages.loops import pick_device, prepare, score, train_epoch
+from stages.loops import keep_freed_memory, pick_device, prepare, score, train_epoch
 from stages.metrics import summarize
 from stages.models import Normalized, build_model
 from stages.params import Params
@@ -139,6 +139,7 @@ def train(
     stats = band_statistics(stores, refs["train"])
     counts = class_counts(stores, refs["train"], tp.task, n_classes)
     device = pick_device(tp.precision)
+    keep_freed_memory()
     model, optimizer, scheduler = _build(params, stats, n_classes)
     model = prepare(model, device, tp.precision)
     weight = class_weights(counts, tp.class_weights)

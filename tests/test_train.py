@@ -96,3 +96,14 @@ def test_model_carries_its_normalisation(prepared):
     assert all(s > 0 for s in meta["std"])
     for name in ("learning_curves.png", "val_confusion.png", "history.csv"):
         assert (tmp_path / "models" / name).stat().st_size > 0
+
+
+def test_glibc_accepts_the_allocator_settings_for_training():
+    """mallopt rejects out-of-range values by returning 0 (e.g. an mmap threshold over 32 MB)."""
+    import sys
+
+    from stages.loops import keep_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert keep_freed_memory.__wrapped__() is True
