@@ -274,3 +274,16 @@ def test_integer_range_below_the_dtype_falls_back_to_float16():
     assert PixelEncoding.for_source("uint8", {"uint8": (-10.0, 245.0)}).dtype == "float16"
     assert PixelEncoding.for_source("uint32", {"uint32": (0.0, 10000.0)}).dtype == "float16"
     assert PixelEncoding.for_source("uint16", {"uint16": (0.0, 10000.0)}).dtype == "uint16"
+
+
+@pytest.mark.parametrize("n_classes", [3, 5, 9, 12])
+def test_tile_histograms_count_each_class_and_ignored_pixels(n_classes):
+    """Both ways of counting (compare-and-count for few classes, one bincount for many) agree with
+    a per-tile bincount; values that are neither a class nor IGNORE are not counted."""
+    from stages.tile import _histograms
+
+    rng = np.random.default_rng(n_classes)
+    labels = rng.integers(0, n_classes + 3, (17, 64), dtype=np.uint8)  # some values past the classes
+    labels[rng.random(labels.shape) < 0.2] = IGNORE
+    expected = np.array([np.bincount(row, minlength=256)[[*range(n_classes), IGNORE]] for row in labels])
+    np.testing.assert_array_equal(_histograms(labels, n_classes), expected)
