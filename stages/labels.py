@@ -138,34 +138,44 @@ class RasterLabels:
 
     def read(self, window: Window) -> np.ndarray:
         """Class indexes for ``window`` of the grid (IGNORE off the label raster or at nodata)."""
-        values, valid = self._gather(window) if self.rectilinear else read_padded(self.view, window, [1])
-        values = values[0]
+        if self.rectilinear:
+            return self._gather(window)
+        values, valid = read_padded(self.view, window, [1])
+        return self._classes(values[0], valid)
+
+    def _classes(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if values.dtype != np.uint8:
             values = np.clip(values, 0, 255).astype(np.uint8)
-        out = self.lut[values]
+        out = self.lut.take(values)
         out[~valid] = IGNORE
         return out
 
-    def _gather(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest source pixel of every grid pixel centre, from one read of the source pixels used."""
+    def _gather(self, window: Window) -> np.ndarray:
+        """Nearest source pixel of every grid pixel centre, from one read of the source pixels used.
+
+        Classes are looked up at the source's resolution and only then repeated onto the grid:
+        with labels coarser than the scene that is many times less work than the other way round.
+        """
         g, s = self.grid.transform, self.src.transform
-        grid_rows = np.arange(int(window.row_off), int(window.row_off + window.height))
-        grid_cols = np.arange(int(window.col_off), int(window.col_off + window.width))
+        shape = (int(window.height), int(window.width))
+        grid_rows = np.arange(int(window.row_off), int(window.row_off) + shape[0])
+        grid_cols = np.arange(int(window.col_off), int(window.col_off) + shape[1])
         rows = _source_index(grid_rows, g.f, g.e, s.f, s.e)
         cols = _source_index(grid_cols, g.c, g.a, s.c, s.a)
         # a pixel counts when it is on the grid (as with the warped VRT) and on the label raster
         in_rows = (rows >= 0) & (rows < self.src.height) & (grid_rows >= 0) & (grid_rows < self.grid.height)
         in_cols = (cols >= 0) & (cols < self.src.width) & (grid_cols >= 0) & (grid_cols < self.grid.width)
         if not in_rows.any() or not in_cols.any():
-            shape = (1, int(window.height), int(window.width))
-            return np.zeros(shape, self.src.dtypes[0]), np.zeros(shape[1:], bool)
+            return np.full(shape, IGNORE, dtype=np.uint8)
         r0, r1 = int(rows[in_rows].min()), int(rows[in_rows].max()) + 1
         c0, c1 = int(cols[in_cols].min()), int(cols[in_cols].max()) + 1
         block, ok = read_padded(self.src, Window(c0, r0, c1 - c0, r1 - r0), [1])
+        classes = self._classes(block[0], ok)
         ri, ci = np.clip(rows, r0, r1 - 1) - r0, np.clip(cols, c0, c1 - 1) - c0
-        values = block.take(ri, axis=1).take(ci, axis=2)  # two 1-d gathers: far faster than one 2-d
-        ok = ok.take(ri, axis=0).take(ci, axis=1)
-        return values, ok & in_rows[:, None] & in_cols[None, :]
+        out = classes.take(ri, axis=0).take(ci, axis=1)  # two 1-d gathers: far faster than one 2-d
+        out[~in_rows] = IGNORE
+        out[:, ~in_cols] = IGNORE
+        return out
 
     def close(self) -> None:
         """Release the datasets."""

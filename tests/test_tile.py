@@ -287,3 +287,8 @@ def test_tile_histograms_count_each_class_and_ignored_pixels(n_classes):
     labels[rng.random(labels.shape) < 0.2] = IGNORE
     expected = np.array([np.bincount(row, minlength=256)[[*range(n_classes), IGNORE]] for row in labels])
     np.testing.assert_array_equal(_histograms(labels, n_classes), expected)
+    # 256 px tiles of one class: 65536 pixels, one more than 16 bits count
+    uniform = np.zeros((2, 256 * 256), dtype=np.uint8)
+    uniform[1] = IGNORE
+    counts = _histograms(uniform, n_classes)
+    assert counts[0, 0] == counts[1, -1] == 256 * 256 and counts.sum() == 2 * 256 * 256
