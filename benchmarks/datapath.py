@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import islice
 from pathlib import Path
 
 from benchmarks.common import WORK, run_measured
@@ -49,10 +50,9 @@ class Batches:
         return self.count
 
     def __iter__(self):
-        for number, batch in enumerate(self.source):
-            if number == self.count:
-                return
-            yield batch
+        # islice stops without pulling one more: the store side's iterator is shared across steps,
+        # and a loop that pulled to find the end would gather (and drop) a second batch per step
+        yield from islice(self.source, self.count)
 
 
 class Timed:

@@ -47,20 +47,21 @@ class _PerTile:
 
 def _epoch_plain(model, stores, ref, p, optimizer, loss_fn, epoch: int) -> tuple[float, int]:
     """One epoch of the plain loop on the tilepipe sampler's batches, augmented identically."""
+    import torch
     from torch.utils.data import DataLoader
 
-    from stages.dataset import EpochBatchSampler, TileBatches
+    from stages.dataset import EpochBatchSampler, dihedral, dihedral_ops
 
     sampler = EpochBatchSampler(len(ref.tile), p.train.batch_size, p.seed, True)
     sampler.set_epoch(epoch)
     batches = [list(b[2]) for b in sampler]  # the same positions as tilepipe's epoch
     loader = DataLoader(_PerTile(stores, ref), batch_sampler=batches, num_workers=PLAIN_WORKERS)
-    augment = TileBatches(stores, ref, p.train.task, augment=True)
     model.train()
     seen, started = 0, time.perf_counter()
     for (x, y), positions in zip(loader, batches, strict=True):
         if p.train.augment:
-            x, y = augment._dihedral(x, y, np.random.default_rng([p.seed, epoch, int(positions[0])]))
+            turned, _ = dihedral(x.numpy(), None, dihedral_ops(p.seed, epoch, np.asarray(positions)))
+            x = torch.from_numpy(turned)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()

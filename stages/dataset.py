@@ -102,43 +102,61 @@ class TileBatches(Dataset):
     def __getitem__(self, item: tuple[int, int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         seed, epoch, positions = item
         positions = np.asarray(positions, dtype=np.int64)
-        images, labels = self.gather(positions)
-        x = torch.from_numpy(images)  # float32 in [0, 1]; the model normalises (models.Normalized)
-        if self.task == "classification":
-            y = torch.from_numpy(self.ref.target[positions])
-        else:
-            y = torch.from_numpy(labels.astype(np.int64))
-            y[y == IGNORE] = -100
+        segmentation = self.task == "segmentation"
+        images, labels = self.gather(positions, labels=segmentation)
         if self.augment:
-            x, y = self._dihedral(x, y, np.random.default_rng([seed, epoch, int(positions[0])]))
-        return x.contiguous(), y
+            images, labels = dihedral(images, labels, dihedral_ops(seed, epoch, positions))
+        x = torch.from_numpy(images)  # float32 in [0, 1]; the model normalises (models.Normalized)
+        if not segmentation:
+            return x, torch.from_numpy(self.ref.target[positions])
+        classes = labels.astype(np.int64)
+        classes[classes == IGNORE] = -100
+        return x, torch.from_numpy(classes)
 
-    def gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Tiles (float32 images in [0, 1], uint8 labels) for the given positions, in that order."""
+    def gather(self, positions: np.ndarray, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tiles (float32 images in [0, 1], uint8 labels or None) for the given positions, in that order."""
         scene, tile = self.ref.scene[positions], self.ref.tile[positions]
         first = self.stores[self.ref.scene_ids[scene[0]]]
         bands, size = first.stored_image(int(tile[0])).shape[:2]
         images = np.empty((len(positions), bands, size, size), dtype=np.float32)
-        labels = np.empty((len(positions), size, size), dtype=np.uint8)
+        classes = np.empty((len(positions), size, size), dtype=np.uint8) if labels else None
         for s in np.unique(scene):
             store = self.stores[self.ref.scene_ids[s]]
             rows = np.flatnonzero(scene == s)
-            images[rows], labels[rows] = store.gather(tile[rows])
-        return images, labels
+            images[rows], got = store.gather(tile[rows], labels=labels)
+            if classes is not None:
+                classes[rows] = got
+        return images, classes
 
-    def _dihedral(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator):
-        """Random flips and 90-degree rotations; the seed comes with the batch (resume-safe)."""
-        ops = rng.integers(0, 8, size=len(x))
-        for op in np.unique(ops):
-            rows = torch.from_numpy(np.flatnonzero(ops == op))
-            xs = torch.rot90(x[rows], int(op % 4), dims=(2, 3))
-            if op >= 4:
-                xs = torch.flip(xs, dims=(3,))
-            x[rows] = xs
-            if self.task == "segmentation":
-                ys = torch.rot90(y[rows], int(op % 4), dims=(1, 2))
-                y[rows] = torch.flip(ys, dims=(2,)) if op >= 4 else ys
-        return x, y
+
+def dihedral_ops(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """Which of the 8 flips and 90-degree turns each tile of a batch gets.
+
+    The seed travels with the batch: resume-safe, and the same in any loader worker.
+    """
+    return np.random.default_rng([seed, epoch, int(positions[0])]).integers(0, 8, size=len(positions))
+
+
+def dihedral(
+    images: np.ndarray, labels: np.ndarray | None, ops: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tiles turned by ``ops[i]`` quarter turns (op % 4), then mirrored left-right when op >= 4.
+
+    One copy per op from a strided view: less memory traffic than turning then mirroring copies.
+    """
+    out_images = np.empty_like(images)
+    out_labels = None if labels is None else np.empty_like(labels)
+    for op in np.unique(ops):
+        rows = np.flatnonzero(ops == op)
+        out_images[rows] = _turned(images[rows], int(op))
+        if labels is not None:
+            out_labels[rows] = _turned(labels[rows], int(op))
+    return out_images, out_labels
+
+
+def _turned(tiles: np.ndarray, op: int) -> np.ndarray:
+    view = np.rot90(tiles, op % 4, axes=(-2, -1))  # as torch.rot90(..., dims=(-2, -1))
+    return view[..., ::-1] if op >= 4 else view
 
 
 class EpochBatchSampler(Sampler[tuple[int, int, list[int]]]):

@@ -252,18 +252,19 @@ class SceneTiles:
         """Tile ``i`` labels as (size, size) class indexes (255 = ignore)."""
         return self._labels[self.shard_of[i]][self.offset_of[i]]
 
-    def gather(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images (float32 in [0, 1]) and labels of many tiles: one sorted fancy index per shard."""
+    def gather(self, tiles: np.ndarray, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Images (float32 in [0, 1]) and labels (or None) of many tiles: one sorted fancy index per shard."""
         shards, offsets = self.shard_of[tiles], self.offset_of[tiles]
         first = self._images[0]
         images = np.empty((len(tiles), *first.shape[1:]), dtype=first.dtype)
-        labels = np.empty((len(tiles), *first.shape[2:]), dtype=np.uint8)
+        classes = np.empty((len(tiles), *first.shape[2:]), dtype=np.uint8) if labels else None
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
             rows = rows[np.argsort(offsets[rows], kind="stable")]
             images[rows] = self._images[shard][offsets[rows]]  # stays stored: converted once, below
-            labels[rows] = self._labels[shard][offsets[rows]]
-        return to_unit(images, self._unit), labels
+            if classes is not None:
+                classes[rows] = self._labels[shard][offsets[rows]]
+        return to_unit(images, self._unit), classes
 
     def histograms(self) -> np.ndarray:
         """Per-tile class histograms (tiles x (classes + 1)); the last column counts ignored pixels."""
