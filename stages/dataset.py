@@ -116,11 +116,14 @@ class TileBatches(Dataset):
     def gather(self, positions: np.ndarray, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Tiles (float32 images in [0, 1], uint8 labels or None) for the given positions, in that order."""
         scene, tile = self.ref.scene[positions], self.ref.tile[positions]
+        scenes = np.unique(scene)
+        if len(scenes) == 1:  # one scene's gather is the batch already: no copy into another
+            return self.stores[self.ref.scene_ids[scenes[0]]].gather(tile, labels=labels)
         first = self.stores[self.ref.scene_ids[scene[0]]]
         bands, size = first.stored_image(int(tile[0])).shape[:2]
         images = np.empty((len(positions), bands, size, size), dtype=np.float32)
         classes = np.empty((len(positions), size, size), dtype=np.uint8) if labels else None
-        for s in np.unique(scene):
+        for s in scenes:
             store = self.stores[self.ref.scene_ids[s]]
             rows = np.flatnonzero(scene == s)
             images[rows], got = store.gather(tile[rows], labels=labels)

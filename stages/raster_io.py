@@ -94,10 +94,13 @@ def resolve_bands(src: rasterio.io.DatasetReader, mapping: dict[str, int], wante
 def scale_to_unit(data: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:
     """Map a dtype's range linearly onto [0, 1] (clipped), as float32."""
     low, high = scale[dtype]
-    out = data.astype(np.float32, copy=False)
-    out = (out - np.float32(low)) * np.float32(1.0 / (high - low))
+    out = np.empty(data.shape, dtype=np.float32)  # in place from here: one array, three passes
+    np.subtract(data, np.float32(low), out=out, dtype=np.float32)  # data cast to float32 first
+    np.multiply(out, np.float32(1.0 / (high - low)), out=out)
     np.clip(out, 0.0, 1.0, out=out)
-    return np.nan_to_num(out, copy=False, nan=0.0)
+    if np.issubdtype(data.dtype, np.floating):
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -251,6 +251,9 @@ def test_pixels_are_stored_compactly_and_read_as_the_scaled_values(tmp_path, dty
     assert store.encoding == PixelEncoding.for_source(dtype, params.bands.scale)
     assert store.stored_image(0).dtype == np.dtype(stored)
     expected = scale_to_unit(values, dtype, params.bands.scale)
+    low, high = params.bands.scale[dtype]  # scale_to_unit is this float32 arithmetic, bit for bit
+    plain = (values.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+    np.testing.assert_array_equal(expected, np.clip(plain, 0.0, 1.0))
     expected[:, :, :5] = 0.0
     tiles = np.arange(len(store))
     gathered, _ = store.gather(tiles[::-1])

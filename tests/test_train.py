@@ -175,10 +175,13 @@ def test_loader_batches_hold_the_gathered_tiles_turned_by_their_ops(prepared):
         assert len(set(ops.tolist())) > 1
         want, want_labels = dihedral(plain, labels, ops)
         np.testing.assert_array_equal(x.numpy(), want)
-        for i, p in enumerate(positions):  # and the gather itself is each tile's own pixels
-            store = stores[ref.scene_ids[ref.scene[p]]]
-            np.testing.assert_array_equal(plain[i], store.image(int(ref.tile[p])))
-            np.testing.assert_array_equal(labels[i], store.label(int(ref.tile[p])))
+        one_scene = np.flatnonzero(ref.scene == ref.scene[positions[0]])[::-3]  # a batch of one scene
+        for chosen in (positions, one_scene):  # the gather itself is each tile's own pixels
+            plain, labels = TileBatches(stores, ref, task).gather(chosen)
+            for i, p in enumerate(chosen):
+                store = stores[ref.scene_ids[ref.scene[p]]]
+                np.testing.assert_array_equal(plain[i], store.image(int(ref.tile[p])))
+                np.testing.assert_array_equal(labels[i], store.label(int(ref.tile[p])))
         if task == "classification":
             np.testing.assert_array_equal(y.numpy(), ref.target[positions])
         else:
