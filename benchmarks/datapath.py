@@ -75,7 +75,7 @@ class Timed:
             yield batch
 
 
-def setup(tiles: Path, split_json: Path):
+def setup(tiles: Path, split_json: Path, overrides: list[str] | None = None):
     """Params, train loader, model, optimiser, loss and device exactly as `tilepipe train` builds them."""
     import torch
     from torch import nn
@@ -92,7 +92,7 @@ def setup(tiles: Path, split_json: Path):
     from stages.params import load_params
     from stages.train import _build, class_counts, class_weights
 
-    p = load_params("params.yaml")
+    p = load_params("params.yaml", overrides)
     tp = p.train
     if tp.threads:
         torch.set_num_threads(tp.threads)

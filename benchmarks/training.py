@@ -11,6 +11,10 @@ held-out test scenes. They differ only in how a step is fed and computed:
 * tilepipe: ``stages.train``'s path: one batched gather per shard (``TileBatches``), no loader
   workers (``train.workers: 0``: on 2 cores they take the cores training needs), channels_last
   on the CPU (``stages.loops.prepare``), ``train.precision`` fp32.
+
+A held-out macro-F1 after an epoch or a few moves by several points with the seed (initial
+weights and batch order) alone, so ``BENCH_TRAIN_SEEDS`` (default 1) repeats both sides for that
+many seeds (``seed``, ``seed + 1``, ...) and the difference is taken between the means.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from benchmarks.common import run_measured
 from benchmarks.datapath import default_data, setup
 
 EPOCHS = int(os.environ.get("BENCH_TRAIN_EPOCHS", "1"))
+SEEDS = int(os.environ.get("BENCH_TRAIN_SEEDS", "1"))
 PLAIN_WORKERS = 2
 
 
@@ -70,8 +75,11 @@ def _epoch_plain(model, stores, ref, p, optimizer, loss_fn, epoch: int) -> tuple
     return time.perf_counter() - started, seen
 
 
-def measure(side: str, epochs: int = EPOCHS) -> dict:
-    """Train ``epochs`` epochs on one side; images/s of the training epochs and test-split scores."""
+def measure(side: str, epochs: int = EPOCHS, seed: int | None = None) -> dict:
+    """Train ``epochs`` epochs on one side; images/s of the training epochs and test-split scores.
+
+    ``seed`` replaces params.yaml's seed (initial weights, batch order, flips and turns).
+    """
     import torch
     from torch import nn
 
@@ -80,7 +88,8 @@ def measure(side: str, epochs: int = EPOCHS) -> dict:
     from stages.metrics import summarize
 
     tiles, split_json = default_data()
-    p, stores, ref, loader, model, optimizer, loss_fn, device = setup(tiles, split_json)
+    overrides = None if seed is None else [f"seed={seed}"]
+    p, stores, ref, loader, model, optimizer, loss_fn, device = setup(tiles, split_json, overrides)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if side == "plain":
         model = model.to(memory_format=torch.contiguous_format)  # NCHW, as a plain loop has it
@@ -110,24 +119,40 @@ def measure(side: str, epochs: int = EPOCHS) -> dict:
     }
 
 
-CHILD = "import json\nfrom benchmarks.training import measure\nprint(json.dumps(measure({side!r})))"
+CHILD = """
+import json
+from benchmarks.training import measure
+print(json.dumps(measure({side!r}, seed={seed})))
+"""
 
 
 def run() -> dict:
-    """Both sides, each in its own process, one after the other; speed-up and macro-F1 difference."""
+    """Both sides, each in its own process, one after the other (per seed); speed-up and macro-F1."""
     default_data()
-    got = {}
-    for side in ("plain", "tilepipe"):
-        got[side] = json.loads(run_measured(CHILD.format(side=side)).stdout.strip().splitlines()[-1])
+    from stages.params import load_params
+
+    first = load_params("params.yaml").seed
+    seeds = [first + k for k in range(SEEDS)]
+    got: dict[str, list[dict]] = {"plain": [], "tilepipe": []}
+    for seed in seeds:
+        for side in got:
+            child = CHILD.format(side=side, seed=seed)
+            got[side].append(json.loads(run_measured(child).stdout.strip().splitlines()[-1]))
+    f1 = {side: [r["macro_f1"] for r in runs] for side, runs in got.items()}
+    mean = {side: float(np.mean(values)) for side, values in f1.items()}
+    speed = {side: float(np.mean([r["images_s"] for r in runs])) for side, runs in got.items()}
     return {
-        "plain_fp32_images_s": round(got["plain"]["images_s"], 1),
-        "tilepipe_step_images_s": round(got["tilepipe"]["images_s"], 1),
-        "training_speedup": round(got["tilepipe"]["images_s"] / got["plain"]["images_s"], 2),
-        "plain_test_macro_f1": round(got["plain"]["macro_f1"], 4),
-        "tilepipe_test_macro_f1": round(got["tilepipe"]["macro_f1"], 4),
-        "macro_f1_diff_points": round(100 * abs(got["tilepipe"]["macro_f1"] - got["plain"]["macro_f1"]), 2),
+        "plain_fp32_images_s": round(speed["plain"], 1),
+        "tilepipe_step_images_s": round(speed["tilepipe"], 1),
+        "training_speedup": round(speed["tilepipe"] / speed["plain"], 2),
+        "plain_test_macro_f1": round(mean["plain"], 4),
+        "tilepipe_test_macro_f1": round(mean["tilepipe"], 4),
+        "macro_f1_diff_points": round(100 * abs(mean["tilepipe"] - mean["plain"]), 2),
+        "seeds": seeds,
+        "plain_test_macro_f1_per_seed": [round(v, 4) for v in f1["plain"]],
+        "tilepipe_test_macro_f1_per_seed": [round(v, 4) for v in f1["tilepipe"]],
         "epochs": EPOCHS,
-        "torch_threads": got["tilepipe"]["threads"],
+        "torch_threads": got["tilepipe"][0]["threads"],
         "plain_loader_workers": PLAIN_WORKERS,
         "targets": {"training_speedup": ">= 2", "macro_f1_diff_points": "<= 1"},
     }
