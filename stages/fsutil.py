@@ -66,11 +66,11 @@ def write_json(target: Path | str, obj: Any, compact: bool = False) -> None:
     Compact JSON goes through orjson: ~10x the speed of ``json``'s C encoder (a 16384 px scene's
     tile index: 0.3 s -> 0.03 s), the same values (floats round-trip exactly).
     """
-    if not compact:
-        write_text(target, json.dumps(obj, indent=1) + "\n")
-        return
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    if compact:
+        text = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    else:
+        text = json.dumps(obj, indent=1)
+    write_text(target, text + "\n")
 
 
 @contextmanager
