@@ -32,7 +32,7 @@ from stages.params import Params
 from stages.raster_io import aligned, gdal_env, open_raster, read_ahead, read_padded, target_grid
 from stages.tile_store import PixelEncoding, ShardWriter, read_index, verify_shards, write_index
 
-STORE_VERSION = 2  # 2: 8/16-bit pixels stored as read (PixelEncoding)
+STORE_VERSION = 3  # 2: 8/16-bit pixels stored as read (PixelEncoding); 3: XXH3-128 shard checksums
 CHUNK_PX = 1024  # tiles are cut from reads of about this many pixels a side
 TABLE_COLUMNS = ("shard", "offset", "row", "col", "x", "y", "bounds", "nodata", "hist")
 
@@ -216,8 +216,10 @@ def _cut_chunk(
     table["col"] += col.tolist()
     table["x"] += px.tolist()
     table["y"] += py.tolist()
-    table["bounds"] += [[round(v, 6) for v in box] for box in corners]
-    table["nodata"] += [round(v, 4) for v in nodata[keep].tolist()]
+    # round(v, 6) leaves whole numbers as they are: the common metre grids need no Python loop
+    whole_numbers = bool(np.all(np.stack([left, bottom, right, top]) % 1 == 0))
+    table["bounds"] += corners if whole_numbers else [[round(v, 6) for v in box] for box in corners]
+    table["nodata"] += [0.0] * len(keep) if chunk.whole else [round(v, 4) for v in nodata[keep].tolist()]
     table["hist"] += hist.tolist()
     return chunk.nr * chunk.nc - len(keep)
 

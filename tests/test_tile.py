@@ -156,6 +156,29 @@ def test_shards_round_trip_and_checksums(tmp_path):
         SceneTiles(tmp_path)
 
 
+def test_shard_checksums_are_xxh3_and_older_sha256_stores_still_verify(tmp_path):
+    """New shards carry XXH3-128 checksums of their bytes; an index written before holds SHA-256
+    under ``sha256`` and is verified with it, so a damaged old shard is still caught."""
+    import hashlib
+
+    import xxhash
+
+    writer = ShardWriter(tmp_path, shard_mb=1)
+    writer.add_many(np.arange(2 * 3 * 8 * 8, dtype=np.float32).reshape(2, 3, 8, 8), np.ones((2, 8, 8)))
+    writer.flush()
+    writer.close()
+    (shard,) = writer.shards
+    for name, digest in shard["xxh3_128"].items():
+        assert digest == xxhash.xxh3_128((tmp_path / name).read_bytes()).hexdigest()
+    legacy = {k: v for k, v in shard.items() if k != "xxh3_128"}
+    legacy["sha256"] = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in shard["xxh3_128"]}
+    assert verify_shards(tmp_path, {"shards": [legacy]}) is None
+    labels = tmp_path / shard["labels"]
+    labels.write_bytes(labels.read_bytes()[:-1] + b"\x07")
+    assert "checksum mismatch" in verify_shards(tmp_path, {"shards": [legacy]})
+    assert "checksum mismatch" in verify_shards(tmp_path, {"shards": [shard]})
+
+
 def test_tiling_is_incremental_and_rebuilds_corrupt_output(tmp_path, scenes):
     params, first = _run(tmp_path, scenes)
     assert sorted(first["tiled"]) == ["s0", "s1", "s2", "s3"]
