@@ -38,7 +38,16 @@ def read_catalog(path: Path | str) -> list[CatalogRow]:
         missing = [c for c in REQUIRED if c not in columns]
         if missing:
             raise bad_file(path, f"catalog lacks column(s) {', '.join(missing)} (needs {','.join(REQUIRED)})")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        rows = []
+        for record in reader:
+            if None in record:  # csv puts fields past the header under None
+                fields, named = len(columns) + len(record[None]), ",".join(columns)
+                raise bad_file(
+                    path,
+                    f"line {reader.line_num}: {fields} fields but the header has {len(columns)} ({named}); "
+                    'quote values holding commas; a bands mapping takes ";" (red=3;green=2;blue=1)',
+                )
+            rows.append({(k or "").strip(): (v or "").strip() for k, v in record.items()})
     if not rows:
         raise bad_file(path, "catalog lists no scenes")
     base = path.parent

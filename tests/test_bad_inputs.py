@@ -228,6 +228,7 @@ def test_bad_scene_is_one_clear_line(tmp_path, case):
         ("scene_id,image,labels", ["..,img.tif,labels.tif"], "scene_id '..' must be"),
         ("scene_id,image,labels", ["a/b,img.tif,labels.tif"], "scene_id 'a/b' must be"),
         ("scene_id,image,labels", ["a,,labels.tif"], "scene 'a' has no image"),
+        ("scene_id,image,labels,bands", ["a,img.tif,labels.tif,red=1,green=2"], "line 2: 5 fields but the"),
     ],
 )
 def test_bad_catalog_is_one_clear_line(tmp_path, header, rows, message):
