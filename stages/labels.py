@@ -172,7 +172,12 @@ class RasterLabels:
         block, ok = read_padded(self.src, Window(c0, r0, c1 - c0, r1 - r0), [1])
         classes = self._classes(block[0], ok)
         ri, ci = np.clip(rows, r0, r1 - 1) - r0, np.clip(cols, c0, c1 - 1) - c0
-        out = classes.take(ri, axis=0).take(ci, axis=1)  # two 1-d gathers: far faster than one 2-d
+        # two 1-d gathers (far faster than one 2-d): whole rows are cheap to copy, single pixels are not,
+        # so gather columns while there are the fewest rows
+        if len(ri) >= len(classes):
+            out = classes.take(ci, axis=1).take(ri, axis=0)
+        else:
+            out = classes.take(ri, axis=0).take(ci, axis=1)
         out[~in_rows] = IGNORE
         out[:, ~in_cols] = IGNORE
         return out
