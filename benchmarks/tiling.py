@@ -3,12 +3,15 @@
 Each side runs ``BENCH_TILING_REPEATS`` times (default 3), interleaved with its reference so that
 drift in the machine's speed hits both alike; ratios are of the best (least disturbed) times, and
 every run's time is kept in results.json beside them.
+
+A worker runs three threads (read-ahead decoding, cutting, shard writing), so one worker already
+keeps more than one core busy; ``two_workers_speedup_bound`` (cores / cores one worker keeps busy)
+is the most a second worker can add here, measured in the same run.
 """
 
 from __future__ import annotations
 
 import json
-import operator
 import os
 import shutil
 import statistics
@@ -22,21 +25,24 @@ RAW = """
 import time, rasterio
 from stages.raster_io import gdal_env
 with gdal_env(64), rasterio.open({path!r}) as src:
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _, w in src.block_windows(1):
         src.read(window=w)
-    print(time.perf_counter() - t)
+    print(time.perf_counter() - t, time.process_time() - c)
 """
 
 TILE = """
-import time
+import resource, time
 from pathlib import Path
 from stages.params import load_params
 from stages.tile import tile
+def cpu():
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + workers.ru_utime + workers.ru_stime
 params = load_params("params.yaml", {sets!r})
-t = time.perf_counter()
+t, c = time.perf_counter(), cpu()
 tile(params, Path({scenes!r}), Path({out!r}))
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, cpu() - c)
 """
 
 
@@ -55,13 +61,14 @@ def _catalog(folder: Path, names: list[str]) -> Path:
     return scenes
 
 
-def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float]:
-    """Seconds of `tile` (timed inside the child) and the child's peak RSS in MB."""
+def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float, float]:
+    """Wall and CPU seconds of `tile` (its workers' included, timed inside the child), its peak RSS in MB."""
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"tile.workers={workers}"]
     measured = run_measured(TILE.format(sets=sets, scenes=str(scenes), out=str(out)))
     shutil.rmtree(out, ignore_errors=True)
-    return float(measured.stdout.strip().splitlines()[-1]), measured.rss_mb
+    wall, cpu = map(float, measured.stdout.strip().splitlines()[-1].split())
+    return wall, cpu, measured.rss_mb
 
 
 def run() -> dict:
@@ -76,16 +83,19 @@ def run() -> dict:
     raw, tiled, serial, parallel = [], [], [], []
     tile_rss = parallel_rss = 0.0
     for _ in range(repeats):
-        raw.append(float(run_measured(RAW.format(path=str(folder / "a.tif"))).stdout.strip()))
-        seconds, rss = _tile(one, folder / "tiles", 1)
-        tiled.append(seconds)
+        raw.append(tuple(map(float, run_measured(RAW.format(path=str(folder / "a.tif"))).stdout.split())))
+        *timed, rss = _tile(one, folder / "tiles", 1)
+        tiled.append(timed)
         tile_rss = max(tile_rss, rss)
     for _ in range(repeats):
-        serial.append(_tile(two, folder / "tiles", 1)[0])
-        seconds, rss = _tile(two, folder / "tiles", 2)
-        parallel.append(seconds)
+        serial.append(_tile(two, folder / "tiles", 1)[:2])
+        *timed, rss = _tile(two, folder / "tiles", 2)
+        parallel.append(timed)
         parallel_rss = max(parallel_rss, rss)
-    raw_s, tile_s = min(raw), min(tiled)
+    (tile_s, tile_cpu), (raw_s, raw_cpu) = min(tiled), min(raw)
+    (serial_s, serial_cpu), (parallel_s, parallel_cpu) = min(serial), min(parallel)
+    # how many cores one worker keeps busy bounds what a second worker can add on this machine
+    serial_cores, cores = serial_cpu / serial_s, os.cpu_count() or 1
     return {
         "scene_px": SIZE,
         "tile_px": 64,
@@ -94,17 +104,24 @@ def run() -> dict:
         "raw_read_mb_s": round(megabytes / raw_s, 1),
         "tile_1_worker_mb_s": round(megabytes / tile_s, 1),
         "tile_vs_raw_ratio": round(raw_s / tile_s, 3),
-        "tile_vs_raw_ratio_median_of_pairs": round(statistics.median(map(operator.truediv, raw, tiled)), 3),
+        "tile_vs_raw_ratio_median_of_pairs": round(
+            statistics.median(r / t for (r, _), (t, _) in zip(raw, tiled, strict=True)), 3
+        ),
+        "raw_read_cpu_s": round(raw_cpu, 2),
+        "tile_1_worker_cpu_s": round(tile_cpu, 2),
         "tile_1_worker_peak_rss_mb": round(tile_rss, 1),
-        "two_scenes_1_worker_s": round(min(serial), 2),
-        "two_scenes_2_workers_s": round(min(parallel), 2),
-        "two_workers_speedup": round(min(serial) / min(parallel), 3),
+        "two_scenes_1_worker_s": round(serial_s, 2),
+        "two_scenes_2_workers_s": round(parallel_s, 2),
+        "two_workers_speedup": round(serial_s / parallel_s, 3),
+        "two_scenes_1_worker_cores_busy": round(serial_cores, 2),
+        "two_scenes_2_workers_cores_busy": round(parallel_cpu / parallel_s, 2),
+        "two_workers_speedup_bound": round(cores / serial_cores, 2),
         "two_workers_parent_peak_rss_mb": round(parallel_rss, 1),
         "runs_s": {
-            "raw": [round(t, 2) for t in raw],
-            "tile": [round(t, 2) for t in tiled],
-            "two_scenes_1_worker": [round(t, 2) for t in serial],
-            "two_scenes_2_workers": [round(t, 2) for t in parallel],
+            "raw": [round(t, 2) for t, _ in raw],
+            "tile": [round(t, 2) for t, _ in tiled],
+            "two_scenes_1_worker": [round(t, 2) for t, _ in serial],
+            "two_scenes_2_workers": [round(t, 2) for t, _ in parallel],
         },
         "targets": {"tile_vs_raw_ratio": ">= 0.7", "two_workers_speedup": ">= 1.7"},
     }
