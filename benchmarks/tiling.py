@@ -5,8 +5,11 @@ drift in the machine's speed hits both alike; ratios are of the best (least dist
 every run's time is kept in results.json beside them.
 
 A worker runs three threads (read-ahead decoding, cutting, shard writing), so one worker already
-keeps more than one core busy; ``two_workers_speedup_bound`` (cores / cores one worker keeps busy)
-is the most a second worker can add here, measured in the same run.
+keeps more than one core busy, and every shard byte is written and fsynced: what a second worker
+can add is bounded by cores / cores one worker keeps busy, and by the one-worker time over the
+time the disk takes to write both scenes' shards (``disk_write_mb_s``, probed in the same run);
+``two_workers_cpu_share`` is how the machine's CPU time went during the 2-worker run (``steal``:
+taken by the hypervisor; ``iowait``: idle, waiting on the disk).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import json
 import os
 import shutil
 import statistics
+import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.common import WORK, make_labels, make_scene, run_measured
 
@@ -61,14 +67,47 @@ def _catalog(folder: Path, names: list[str]) -> Path:
     return scenes
 
 
-def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float, float]:
-    """Wall and CPU seconds of `tile` (its workers' included, timed inside the child), its peak RSS in MB."""
+def _machine_ticks() -> dict[str, int]:
+    """The machine's CPU time by kind so far (the ``cpu`` line of /proc/stat), in clock ticks."""
+    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1 : 1 + len(kinds)]
+    return dict(zip(kinds, map(int, fields), strict=True))
+
+
+def _shares(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Each kind's share of the machine's CPU time between two ``_machine_ticks``."""
+    spent = {kind: after[kind] - before[kind] for kind in before}
+    total = max(sum(spent.values()), 1)
+    return {kind: ticks / total for kind, ticks in spent.items()}
+
+
+def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float, float, dict[str, float]]:
+    """Wall and CPU seconds of `tile` (its workers' included, timed inside the child), its peak RSS
+    in MB, and how the machine's CPU time went meanwhile (busy, idle, waiting on disk, stolen)."""
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"tile.workers={workers}"]
+    before = _machine_ticks()
     measured = run_measured(TILE.format(sets=sets, scenes=str(scenes), out=str(out)))
+    shares = _shares(before, _machine_ticks())
     shutil.rmtree(out, ignore_errors=True)
     wall, cpu = map(float, measured.stdout.strip().splitlines()[-1].split())
-    return wall, cpu, measured.rss_mb
+    return wall, cpu, measured.rss_mb, shares
+
+
+def _disk_write_mb_s(folder: Path, total_mb: int = 1024, file_mb: int = 64) -> float:
+    """MB/s of writing ``total_mb`` in fsynced files of ``file_mb`` (as tile shards are written)."""
+    block = np.random.default_rng(0).integers(0, 255, file_mb << 20, dtype=np.uint8).tobytes()
+    os.sync()
+    started = time.perf_counter()
+    for number in range(total_mb // file_mb):
+        with open(folder / f"disk-probe-{number}.bin", "wb") as fh:
+            fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+    seconds = time.perf_counter() - started
+    for number in range(total_mb // file_mb):
+        (folder / f"disk-probe-{number}.bin").unlink()
+    return total_mb * (1 << 20) / 1e6 / seconds
 
 
 def run() -> dict:
@@ -84,18 +123,22 @@ def run() -> dict:
     tile_rss = parallel_rss = 0.0
     for _ in range(repeats):
         raw.append(tuple(map(float, run_measured(RAW.format(path=str(folder / "a.tif"))).stdout.split())))
-        *timed, rss = _tile(one, folder / "tiles", 1)
-        tiled.append(timed)
+        wall, cpu, rss, _ = _tile(one, folder / "tiles", 1)
+        tiled.append((wall, cpu))
         tile_rss = max(tile_rss, rss)
     for _ in range(repeats):
-        serial.append(_tile(two, folder / "tiles", 1)[:2])
-        *timed, rss = _tile(two, folder / "tiles", 2)
-        parallel.append(timed)
-        parallel_rss = max(parallel_rss, rss)
+        serial.append(_tile(two, folder / "tiles", 1))
+        parallel.append(_tile(two, folder / "tiles", 2))
+        parallel_rss = max(parallel_rss, parallel[-1][2])
     (tile_s, tile_cpu), (raw_s, raw_cpu) = min(tiled), min(raw)
-    (serial_s, serial_cpu), (parallel_s, parallel_cpu) = min(serial), min(parallel)
-    # how many cores one worker keeps busy bounds what a second worker can add on this machine
+    serial_s, serial_cpu, _, _ = min(serial)
+    parallel_s, parallel_cpu, _, shares = min(parallel)
+    disk_mb_s = _disk_write_mb_s(folder)
+    # two bounds on what a second worker can add here, both measured in this run: cores (one worker
+    # already keeps more than one busy) and the disk (every shard byte is written and fsynced)
     serial_cores, cores = serial_cpu / serial_s, os.cpu_count() or 1
+    shard_mb = 2 * SIZE * SIZE * (3 + 1) / 1e6  # two scenes' uint8 images and labels
+    cpu_bound, disk_bound = cores / serial_cores, serial_s / (shard_mb / disk_mb_s)
     return {
         "scene_px": SIZE,
         "tile_px": 64,
@@ -115,13 +158,18 @@ def run() -> dict:
         "two_workers_speedup": round(serial_s / parallel_s, 3),
         "two_scenes_1_worker_cores_busy": round(serial_cores, 2),
         "two_scenes_2_workers_cores_busy": round(parallel_cpu / parallel_s, 2),
-        "two_workers_speedup_bound": round(cores / serial_cores, 2),
+        "disk_write_mb_s": round(disk_mb_s, 1),
+        "two_scenes_shard_mb": round(shard_mb, 1),
+        "two_workers_speedup_bound_cores": round(cpu_bound, 2),
+        "two_workers_speedup_bound_disk": round(disk_bound, 2),
+        "two_workers_speedup_bound": round(min(cpu_bound, disk_bound), 2),
+        "two_workers_cpu_share": {kind: round(share, 3) for kind, share in shares.items() if share},
         "two_workers_parent_peak_rss_mb": round(parallel_rss, 1),
         "runs_s": {
             "raw": [round(t, 2) for t, _ in raw],
             "tile": [round(t, 2) for t, _ in tiled],
-            "two_scenes_1_worker": [round(t, 2) for t, _ in serial],
-            "two_scenes_2_workers": [round(t, 2) for t, _ in parallel],
+            "two_scenes_1_worker": [round(run[0], 2) for run in serial],
+            "two_scenes_2_workers": [round(run[0], 2) for run in parallel],
         },
         "targets": {"tile_vs_raw_ratio": ">= 0.7", "two_workers_speedup": ">= 1.7"},
     }
