@@ -318,3 +318,23 @@ def test_tile_histograms_count_each_class_and_ignored_pixels(n_classes):
     uniform[1] = IGNORE
     counts = _histograms(uniform, n_classes)
     assert counts[0, 0] == counts[1, -1] == 256 * 256 and counts.sum() == 2 * 256 * 256
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float16"])
+@pytest.mark.parametrize(("size", "stride"), [(8, 8), (6, 6), (8, 5)])
+def test_cut_gives_each_tile_its_own_window(dtype, size, stride):
+    """Tiles cut from a chunk (bands or not, side by side or overlapping, all or some kept) are the
+    chunk's windows at their grid positions, in row-major order."""
+    from stages.tile import _cut
+
+    nr, nc = 3, 4
+    rng = np.random.default_rng(size * stride)
+    shape = ((nr - 1) * stride + size, (nc - 1) * stride + size)
+    for array in (rng.integers(0, 250, (2, *shape)).astype(dtype), rng.integers(0, 250, shape).astype(dtype)):
+        for keep in (np.arange(nr * nc), np.array([0, 5, 11])):
+            tiles = _cut(array, size, stride, nc, keep)
+            assert tiles.shape == (len(keep), *array.shape[:-2], size, size) and tiles.dtype == array.dtype
+            for tile_, k in zip(tiles, keep, strict=True):
+                r, c = divmod(int(k), nc)
+                window = array[..., r * stride : r * stride + size, c * stride : c * stride + size]
+                np.testing.assert_array_equal(tile_, window)
