@@ -224,11 +224,8 @@ def verify_shards(scene_dir: Path, index: dict[str, Any]) -> str | None:
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
-    digest = _HASHES[algorithm]()
     with open(path, "rb") as fh:
-        while block := fh.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, _HASHES[algorithm]).hexdigest()
 
 
 class SceneTiles:
