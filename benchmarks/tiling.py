@@ -15,11 +15,13 @@ taken by the hypervisor; ``iowait``: idle, waiting on the disk).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -81,9 +83,18 @@ def _shares(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
     return {kind: ticks / total for kind, ticks in spent.items()}
 
 
-def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float, float, dict[str, float]]:
-    """Wall and CPU seconds of `tile` (its workers' included, timed inside the child), its peak RSS
-    in MB, and how the machine's CPU time went meanwhile (busy, idle, waiting on disk, stolen)."""
+class TileRun(NamedTuple):
+    """One timed `tile`: wall and CPU seconds (its workers' included, timed inside the child), its
+    peak RSS in MB, and how the machine's CPU time went meanwhile (busy, idle, waiting on disk, stolen)."""
+
+    wall: float
+    cpu: float
+    rss_mb: float
+    shares: dict[str, float]
+
+
+def _tile(scenes: Path, out: Path, workers: int) -> TileRun:
+    """Run `tile` on ``scenes`` with ``workers`` into ``out`` (removed before and after)."""
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"tile.workers={workers}"]
     before = _machine_ticks()
@@ -91,7 +102,7 @@ def _tile(scenes: Path, out: Path, workers: int) -> tuple[float, float, float, d
     shares = _shares(before, _machine_ticks())
     shutil.rmtree(out, ignore_errors=True)
     wall, cpu = map(float, measured.stdout.strip().splitlines()[-1].split())
-    return wall, cpu, measured.rss_mb, shares
+    return TileRun(wall, cpu, measured.rss_mb, shares)
 
 
 def _disk_write_mb_s(folder: Path, total_mb: int = 1024, file_mb: int = 64) -> float:
@@ -119,23 +130,25 @@ def run() -> dict:
     megabytes = SIZE * SIZE * 3 / 1e6
     repeats = max(1, int(os.environ.get("BENCH_TILING_REPEATS", "3")))
     one, two = _catalog(folder, ["a"]), _catalog(folder, ["a", "b"])
-    # the disk first: a guest fsync makes this VM's host flush every write not yet on its disk (such as
-    # the environment just installed), which the first tile runs would otherwise wait for
+    # the disk before and after the tile runs: minutes after a large install (the environment) it
+    # writes measurably slower on this VM, which the first tile runs feel too
     disk_first_mb_s = _disk_write_mb_s(folder)
-    raw, tiled, serial, parallel = [], [], [], []
-    tile_rss = parallel_rss = 0.0
+    raw: list[tuple[float, float]] = []  # wall and CPU seconds
+    tiled: list[TileRun] = []
+    serial: list[TileRun] = []
+    parallel: list[TileRun] = []
     for _ in range(repeats):
         raw.append(tuple(map(float, run_measured(RAW.format(path=str(folder / "a.tif"))).stdout.split())))
-        wall, cpu, rss, _ = _tile(one, folder / "tiles", 1)
-        tiled.append((wall, cpu))
-        tile_rss = max(tile_rss, rss)
+        tiled.append(_tile(one, folder / "tiles", 1))
     for _ in range(repeats):
         serial.append(_tile(two, folder / "tiles", 1))
         parallel.append(_tile(two, folder / "tiles", 2))
-        parallel_rss = max(parallel_rss, parallel[-1][2])
-    (tile_s, tile_cpu), (raw_s, raw_cpu) = min(tiled), min(raw)
-    serial_s, serial_cpu, _, _ = min(serial)
-    parallel_s, parallel_cpu, _, shares = min(parallel)
+    fastest = operator.attrgetter("wall")
+    (raw_s, raw_cpu), best = min(raw), min(tiled, key=fastest)
+    tile_s, tile_cpu = best.wall, best.cpu
+    one_worker, two_workers = min(serial, key=fastest), min(parallel, key=fastest)
+    serial_s, serial_cpu = one_worker.wall, one_worker.cpu
+    parallel_s, parallel_cpu, shares = two_workers.wall, two_workers.cpu, two_workers.shares
     disk_mb_s = _disk_write_mb_s(folder)
     # two bounds on what a second worker can add here, both measured in this run: cores (one worker
     # already keeps more than one busy) and the disk (every shard byte is written and fsynced)
@@ -151,11 +164,11 @@ def run() -> dict:
         "tile_1_worker_mb_s": round(megabytes / tile_s, 1),
         "tile_vs_raw_ratio": round(raw_s / tile_s, 3),
         "tile_vs_raw_ratio_median_of_pairs": round(
-            statistics.median(r / t for (r, _), (t, _) in zip(raw, tiled, strict=True)), 3
+            statistics.median(r / t.wall for (r, _), t in zip(raw, tiled, strict=True)), 3
         ),
         "raw_read_cpu_s": round(raw_cpu, 2),
         "tile_1_worker_cpu_s": round(tile_cpu, 2),
-        "tile_1_worker_peak_rss_mb": round(tile_rss, 1),
+        "tile_1_worker_peak_rss_mb": round(max(t.rss_mb for t in tiled), 1),
         "two_scenes_1_worker_s": round(serial_s, 2),
         "two_scenes_2_workers_s": round(parallel_s, 2),
         "two_workers_speedup": round(serial_s / parallel_s, 3),
@@ -168,12 +181,12 @@ def run() -> dict:
         "two_workers_speedup_bound_disk": round(disk_bound, 2),
         "two_workers_speedup_bound": round(min(cpu_bound, disk_bound), 2),
         "two_workers_cpu_share": {kind: round(share, 3) for kind, share in shares.items() if share},
-        "two_workers_parent_peak_rss_mb": round(parallel_rss, 1),
+        "two_workers_parent_peak_rss_mb": round(max(t.rss_mb for t in parallel), 1),
         "runs_s": {
             "raw": [round(t, 2) for t, _ in raw],
-            "tile": [round(t, 2) for t, _ in tiled],
-            "two_scenes_1_worker": [round(run[0], 2) for run in serial],
-            "two_scenes_2_workers": [round(run[0], 2) for run in parallel],
+            "tile": [round(t.wall, 2) for t in tiled],
+            "two_scenes_1_worker": [round(t.wall, 2) for t in serial],
+            "two_scenes_2_workers": [round(t.wall, 2) for t in parallel],
         },
         "targets": {"tile_vs_raw_ratio": ">= 0.7", "two_workers_speedup": ">= 1.7"},
     }
