@@ -22,12 +22,14 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/tilepipe report
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/pytest -n 2 --dist loadgroup
 
+# ruff; the layering contracts of pyproject.toml (import-linter); every import a declared dependency
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
@@ -39,4 +41,4 @@ serve: $(STAMP)  # needs a Prefect server: see README, Orchestration with Prefec
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/tilepipe serve
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache

@@ -1,6 +1,6 @@
 """Data path: training images/s fed from the tile store vs the same batches held in memory.
 
-Both sides run tilepipe's own training step (stages.loops.train_epoch) on the default model, batch
+Both sides run tilepipe's own training step (tilepipe.ml.loops.train_epoch) on the default model, batch
 size and data (the built-in scenes, default params, built once under benchmarks/.work/default).
 The in-memory side replays batches the store-fed loader produced before, so the tensors are the
 same; the two sides alternate step by step.
@@ -17,11 +17,11 @@ from benchmarks.common import WORK, run_measured
 
 BUILD = """
 from pathlib import Path
-from stages.params import load_params
-from stages.synthesize import synthesize
-from stages.ingest import ingest
-from stages.tile import tile
-from stages.split import split
+from tilepipe.params import load_params
+from tilepipe.stages.synthesize import synthesize
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.tile import tile
+from tilepipe.stages.split import split
 root = Path({root!r})
 p = load_params("params.yaml")
 synthesize(p.synthesize, p.data, root / "synthetic")
@@ -76,40 +76,18 @@ class Timed:
 
 
 def setup(tiles: Path, split_json: Path, overrides: list[str] | None = None):
-    """Params, train loader, model, optimiser, loss and device exactly as `tilepipe train` builds them."""
+    """Params, train loader, model, optimiser, loss and device: `tilepipe train`'s own pieces."""
     import torch
-    from torch import nn
 
-    from stages.dataset import (
-        TileBatches,
-        band_statistics,
-        make_loader,
-        open_stores,
-        select_tiles,
-        split_members,
-    )
-    from stages.loops import pick_device, prepare
-    from stages.params import load_params
-    from stages.train import _build, class_counts, class_weights
+    from tilepipe.ml.training import load_training_data, make_trainer
+    from tilepipe.params import load_params
 
     p = load_params("params.yaml", overrides)
-    tp = p.train
-    if tp.threads:
-        torch.set_num_threads(tp.threads)
-    members = split_members(split_json, "train")
-    stores = open_stores(tiles, sorted(members))
-    ref = select_tiles(stores, members, tp.task, tp.min_purity)
-    stats = band_statistics(stores, ref)
-    n_classes = len(p.data.classes)
-    device = pick_device(tp.precision)
-    model, optimizer, _ = _build(p, stats, n_classes)
-    model = prepare(model, device, tp.precision)
-    weight = class_weights(class_counts(stores, ref, tp.task, n_classes), tp.class_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=-100)
-    loader = make_loader(
-        TileBatches(stores, ref, tp.task, augment=tp.augment), tp.batch_size, p.seed, True, tp.workers
-    )
-    return p, stores, ref, loader, model, optimizer, loss_fn, device
+    if p.train.threads:
+        torch.set_num_threads(p.train.threads)
+    data = load_training_data(p, tiles, split_json)
+    t = make_trainer(p, data)
+    return p, data.stores, data.refs["train"], t.loader, t.model, t.optimizer, t.loss_fn, t.device
 
 
 def measure(batches: int = 80) -> dict:
@@ -120,7 +98,7 @@ def measure(batches: int = 80) -> dict:
     """
     import torch
 
-    from stages.loops import keep_freed_memory, train_epoch
+    from tilepipe.ml.loops import keep_freed_memory, train_epoch
 
     keep_freed_memory()  # both sides are tilepipe's step, as `tilepipe train` runs it
     p, _, _, loader, model, optimizer, loss_fn, device = setup(*default_data())

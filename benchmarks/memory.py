@@ -23,8 +23,8 @@ DIAGONAL = 128  # px of valid data along the diagonal; the rest is nodata
 TILE = """
 import time
 from pathlib import Path
-from stages.params import load_params
-from stages.tile import tile
+from tilepipe.params import load_params
+from tilepipe.stages.tile import tile
 t = time.perf_counter()
 tile(load_params("params.yaml", ["tile.workers=1"]), Path({scenes!r}), Path({out!r}))
 print(time.perf_counter() - t)
@@ -33,9 +33,9 @@ print(time.perf_counter() - t)
 MODEL = """
 from pathlib import Path
 import torch
-from stages.models import Normalized, build_model
-from stages.params import load_params
-from stages.train import model_meta, save_model
+from tilepipe.ml.models import Normalized, build_model
+from tilepipe.params import load_params
+from tilepipe.ml.checkpoint import model_meta, save_model
 p = load_params("params.yaml")
 torch.manual_seed(0)
 net = build_model(p.train.model, len(p.bands.input), len(p.data.classes), p.train.width)
@@ -48,8 +48,9 @@ PREDICT = """
 import time
 from pathlib import Path
 import torch
-from stages.params import load_params
-from stages.predict import predict_scene, resolve_model
+from tilepipe.params import load_params
+from tilepipe.mapping.predict import predict_scene
+from tilepipe.tracking.models import resolve_model
 p = load_params("params.yaml")
 model, meta = resolve_model({model!r})
 t = time.perf_counter()

@@ -4,7 +4,7 @@ Each runs the whole pipeline from nothing in its own fresh copy of the repositor
 sees, as the tests copy it, committed to a new git repo) with the same tiny params:
 
 * direct: one Python process calling each dvc.yaml stage's `tilepipe ...` command in order
-  through ``stages.cli.main`` (no orchestrator at all);
+  through ``tilepipe.cli.main`` (no orchestrator at all);
 * dvc: `dvc repro`, then a second, no-op `dvc repro` (everything up to date);
 * flow: `tilepipe flow` (Prefect 3, a temporary local server started for the run).
 """
@@ -32,7 +32,7 @@ TINY = {
 
 DIRECT = """
 import shlex, sys, time, yaml
-from stages.cli import main
+from tilepipe.cli import main
 stages = yaml.safe_load(open("dvc.yaml"))["stages"]
 t = time.perf_counter()
 for name, stage in stages.items():

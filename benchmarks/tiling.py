@@ -31,7 +31,7 @@ SIZE = 16384
 
 RAW = """
 import time, rasterio
-from stages.raster_io import gdal_env
+from tilepipe.geo.raster_io import gdal_env
 with gdal_env(64), rasterio.open({path!r}) as src:
     t, c = time.perf_counter(), time.process_time()
     for _, w in src.block_windows(1):
@@ -42,8 +42,8 @@ with gdal_env(64), rasterio.open({path!r}) as src:
 TILE = """
 import resource, time
 from pathlib import Path
-from stages.params import load_params
-from stages.tile import tile
+from tilepipe.params import load_params
+from tilepipe.stages.tile import tile
 def cpu():
     workers = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + workers.ru_utime + workers.ru_stime
@@ -63,7 +63,7 @@ def _catalog(folder: Path, names: list[str]) -> Path:
         catalog = str(folder / "catalog.csv")
         run_measured(
             "from pathlib import Path\nfrom stages.params import load_params\n"
-            "from stages.ingest import ingest\n"
+            "from tilepipe.stages.ingest import ingest\n"
             f"ingest(load_params('params.yaml'), Path({catalog!r}), Path({str(scenes)!r}))"
         )
     return scenes

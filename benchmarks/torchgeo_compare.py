@@ -4,7 +4,7 @@ TorchGeo (0.8.1, with torch 2.14.1 / torchvision 0.29.1) lives in its own enviro
 $XDG_CACHE_HOME/tilepipe/torchgeo-0.8.1-venv (~/.cache by default), created on first use (about
 6 GB, 4 min here) and reused by later runs and by other clones of the project;
 benchmarks/torchgeo_side.py runs inside it. tilepipe's side is its training loader
-(stages.dataset.TileBatches + make_loader, no workers) over the tiles of the same scene, cut at
+(tilepipe.ml.dataset.TileBatches + make_loader, no workers) over the tiles of the same scene, cut at
 the same tile size. Both sides deliver float32 tensors in batches of BATCH, one thread each.
 """
 
@@ -28,10 +28,10 @@ TILEPIPE = """
 import json, time
 import numpy as np, torch
 from pathlib import Path
-from stages.dataset import TileBatches, TileRef, make_loader
-from stages.params import load_params
-from stages.tile import tile
-from stages.tile_store import SceneTiles
+from tilepipe.ml.dataset import TileBatches, TileRef, make_loader
+from tilepipe.params import load_params
+from tilepipe.stages.tile import tile
+from tilepipe.tiles.store import SceneTiles
 torch.set_num_threads(1)
 p = load_params("params.yaml", ["tile.size={tile}", "tile.stride={tile}", "tile.workers=1"])
 out = Path({out!r})

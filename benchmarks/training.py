@@ -8,9 +8,9 @@ held-out test scenes. They differ only in how a step is fed and computed:
 * plain ("seed-style"): a per-tile ``Dataset`` (``__getitem__`` returns one float32 CHW tile),
   ``DataLoader`` with default collate and ``num_workers=2`` (one per core, the usual default),
   NCHW tensors, fp32, torch's default thread count;
-* tilepipe: ``stages.train``'s path: one batched gather per shard (``TileBatches``), no loader
+* tilepipe: ``tilepipe.ml.training``'s path: one batched gather per shard (``TileBatches``), no loader
   workers (``train.workers: 0``: on 2 cores they take the cores training needs), channels_last
-  on the CPU (``stages.loops.prepare``), ``train.precision`` fp32.
+  on the CPU (``tilepipe.ml.loops.prepare``), ``train.precision`` fp32.
 
 A held-out macro-F1 after an epoch or a few moves by several points with the seed (initial
 weights and batch order) alone, so ``BENCH_TRAIN_SEEDS`` (default 1) repeats both sides for that
@@ -55,7 +55,7 @@ def _epoch_plain(model, stores, ref, p, optimizer, loss_fn, epoch: int) -> tuple
     import torch
     from torch.utils.data import DataLoader
 
-    from stages.dataset import EpochBatchSampler, dihedral, dihedral_ops
+    from tilepipe.ml.dataset import EpochBatchSampler, dihedral, dihedral_ops
 
     sampler = EpochBatchSampler(len(ref.tile), p.train.batch_size, p.seed, True)
     sampler.set_epoch(epoch)
@@ -83,9 +83,9 @@ def measure(side: str, epochs: int = EPOCHS, seed: int | None = None) -> dict:
     import torch
     from torch import nn
 
-    from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
-    from stages.loops import keep_freed_memory, score, train_epoch
-    from stages.metrics import summarize
+    from tilepipe.ml.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
+    from tilepipe.ml.loops import keep_freed_memory, score, train_epoch
+    from tilepipe.ml.metrics import summarize
 
     tiles, split_json = default_data()
     overrides = None if seed is None else [f"seed={seed}"]
@@ -129,7 +129,7 @@ print(json.dumps(measure({side!r}, seed={seed})))
 def run() -> dict:
     """Both sides, each in its own process, one after the other (per seed); speed-up and macro-F1."""
     default_data()
-    from stages.params import load_params
+    from tilepipe.params import load_params
 
     first = load_params("params.yaml").seed
     seeds = [first + k for k in range(SEEDS)]

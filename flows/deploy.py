@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import prefect
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
-from prefect.settings import PREFECT_API_URL
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipeline import pipeline
-from flows.settings import prefect_settings
-from stages.errors import TilepipeError
-from stages.params import Params, load_params
+from tilepipe.errors import TilepipeError
+from tilepipe.flows.pipeline import pipeline
+from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.params import Params, load_params
 
 DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night, until params.yaml holds the schedule (schedule.cron)
-START_SERVER = "start a server with `prefect server start --host 127.0.0.1` and set PREFECT_API_URL"
 
 
 def nightly_cron(params: Params) -> str:
@@ -31,7 +28,7 @@ def deployments(
     """The "nightly" deployment (cron schedule) and the unscheduled "on-demand" one, same parameters."""
     common = {
         "parameters": {"params_path": str(params_path), "overrides": list(overrides or [])},
-        "entrypoint_type": EntrypointType.MODULE_PATH,  # flows.pipeline.pipeline, from any directory
+        "entrypoint_type": EntrypointType.MODULE_PATH,  # tilepipe.flows.pipeline.pipeline, from any directory
         "tags": ["tilepipe"],
     }
     try:
@@ -44,18 +41,6 @@ def deployments(
         nightly,
         pipeline.to_deployment("on-demand", description="run with `prefect deployment run`", **common),
     ]
-
-
-def check_api() -> str:
-    """The Prefect API URL, checked to answer; serving needs a server that outlives this process."""
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise TilepipeError(f"PREFECT_API_URL is not set: {START_SERVER}")
-    try:
-        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise TilepipeError(f"Prefect API {url} does not answer ({exc}): {START_SERVER}") from None
-    return url
 
 
 def serve(

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows.repo_lock import lent
-from stages.errors import TilepipeError
-from stages.params import Params, load_params
+from tilepipe.errors import TilepipeError
+from tilepipe.flows.repo_lock import lent
+from tilepipe.params import Params, load_params
 
 PARAMS_YAML = Path("params.yaml")  # what dvc.yaml's stages read, and so what dvc.lock records
 

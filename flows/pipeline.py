@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,28 +9,26 @@ from typing import Any
 from prefect import State, Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.futures import wait
 from prefect.settings import PREFECT_API_URL
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from rasterio.errors import RasterioError
 
-from flows import dvc_cli
-from flows.repo_lock import pipeline_lock
-from flows.report import publish_metrics
-from flows.settings import prefect_settings
-from stages.errors import TilepipeError
-from stages.ingest import ingest
-from stages.params import Params, load_params
-from stages.scene_eval import predict_held_out
-from stages.split import split
-from stages.synthesize import synthesize
-from stages.tile import plan, prune_stale, tile_scene, write_summary
-from stages.tracking import register_trained, tracked_evaluate, tracked_train
+from tilepipe.errors import TilepipeError
+from tilepipe.flows import dvc_cli
+from tilepipe.flows.fanout import run_each
+from tilepipe.flows.repo_lock import pipeline_lock
+from tilepipe.flows.report import publish_metrics
+from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.params import Params, load_params
+from tilepipe.stages.evaluate import evaluate, register
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.predict import predict_held_out
+from tilepipe.stages.split import split
+from tilepipe.stages.synthesize import synthesize
+from tilepipe.stages.tile import plan_tiling, summarize_tiles, tile_one
+from tilepipe.stages.train import train
+from tilepipe.wiring import METRICS, MODELS, PREDICTIONS, SCENES, SPLIT, SYNTHETIC, TILES
 
-SYNTHETIC, SCENES, TILES = Path("data/synthetic"), Path("data/ingest/scenes.json"), Path("data/tiles")
-SPLIT, MODELS, METRICS = Path("data/split/split.json"), Path("models"), Path("metrics")
-PREDICTIONS = Path("predictions")
 BACKOFF = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s between the 3 retries of a tile task
 step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incremental by fingerprint
 
@@ -66,23 +63,20 @@ def ingest_task(params: Params, catalog: Path) -> Path:
 @step(name="plan-tiles")
 def plan_task(params: Params, scenes_json: Path) -> list[dict[str, Any]]:
     """Drop tiles of scenes gone from the catalog; return the scenes whose tiles are missing or stale."""
-    scenes = json.loads(scenes_json.read_text())["scenes"]
-    TILES.mkdir(parents=True, exist_ok=True)
-    prune_stale(scenes, TILES)
-    return plan(scenes, params, TILES)  # per scene: is_current(TILES / id, fingerprint(scene, params))
+    return plan_tiling(params, scenes_json, TILES)
 
 
 @step(name="tile", retries=3, retry_delay_seconds=BACKOFF, retry_condition_fn=is_transient)
 def tile_task(scene: dict[str, Any], params: Params) -> Path:
     """Tile one scene into data/tiles/<scene_id>."""
-    tile_scene(scene, params, TILES / scene["scene_id"])
+    tile_one(scene, params, TILES)
     return TILES / scene["scene_id"]
 
 
 @step(name="summarize-tiles")
 def summary_task(scenes_json: Path, tiled: list[Path]) -> Path:
     """Write data/tiles/summary.json once every scene is tiled."""
-    write_summary(json.loads(scenes_json.read_text())["scenes"], TILES)
+    summarize_tiles(scenes_json, TILES)
     return TILES
 
 
@@ -96,7 +90,7 @@ def split_task(params: Params, scenes_json: Path, tiles: Path) -> Path:
 @step(name="train")
 def train_task(params: Params, tiles: Path, split_json: Path) -> Path:
     """Train in an MLflow run into models/, each epoch also logged to the Prefect logs."""
-    tracked_train(params, tiles, split_json, MODELS, on_epoch=log_epoch)
+    train(params, tiles, split_json, MODELS, on_epoch=log_epoch)
     return MODELS
 
 
@@ -110,14 +104,14 @@ def predict_task(params: Params, model_dir: Path, scenes_json: Path, split_json:
 @step(name="evaluate")
 def evaluate_task(params: Params, model_dir: Path, tiles: Path, split_json: Path, maps: Path) -> Path:
     """Score the model on the test scenes (tiles and maps) into metrics/ and log them to the MLflow run."""
-    tracked_evaluate(params, model_dir, tiles, split_json, METRICS, maps, SCENES)
+    evaluate(params, model_dir, tiles, split_json, METRICS, maps, SCENES)
     return METRICS
 
 
 @step(name="register")
 def register_task(params: Params, model_dir: Path, metrics_dir: Path, split_json: Path) -> dict[str, Any]:
     """Register the model in MLflow; it becomes champion only if it beats the champion."""
-    return register_trained(params, model_dir, metrics_dir, split_json)
+    return register(params, model_dir, metrics_dir, split_json)
 
 
 @step(name="dvc-commit")
@@ -145,13 +139,8 @@ def tile_all(params: Params, todo: list[dict[str, Any]]) -> list[Path]:
     """One tile task per scene, at most ``tile.workers`` at a time; raises if any scene failed."""
     if not todo:
         return []
-    with ThreadPoolTaskRunner(max_workers=params.tile.workers) as runner:
-        futures = []
-        for scene in todo:
-            named = tile_task.with_options(task_run_name=f"tile-{scene['scene_id']}")
-            futures.append(runner.submit(named, {"scene": scene, "params": params}))
-        wait(futures)  # every scene finishes (or fails) before the first failure is raised
-        return [f.result() for f in futures]
+    calls = [(f"tile-{scene['scene_id']}", {"scene": scene, "params": params}) for scene in todo]
+    return run_each(tile_task, calls, params.tile.workers)
 
 
 @flow(name="tilepipe", log_prints=True)
@@ -189,7 +178,5 @@ def run_pipeline(params_path: Path | str = "params.yaml", overrides: list[str] |
     """Run the pipeline flow once in this process (``tilepipe flow``)."""
     with pipeline_lock(), prefect_settings():  # a second run fails here, before Prefect starts
         if PREFECT_API_URL.value():
-            from flows.deploy import check_api
-
             check_api()  # a server that does not answer: one clear line, not Prefect's traceback
         return pipeline(str(params_path), list(overrides or []))

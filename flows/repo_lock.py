@@ -17,7 +17,7 @@ from pathlib import Path
 
 import zc.lockfile
 
-from stages.errors import TilepipeError
+from tilepipe.errors import TilepipeError
 
 LOCK_FILE = Path(".dvc/tmp/lock")  # dvc.repo.Repo: make_lock(os.path.join(tmp_dir, "lock"))
 

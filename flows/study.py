@@ -1,6 +1,6 @@
 """The scene-scaling study as a Prefect flow: a plan task, one task per training, a report task.
 
-Each training task starts and awaits its own child process (stages/study_runner.launch), so
+Each training task starts and awaits its own child process (tilepipe/study/runner.launch), so
 ``study.threads`` holds per training while ``study.parallel`` tasks run at once.
 """
 
@@ -13,15 +13,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.settings import prefect_settings
-from stages.params import Params, load_params
-from stages.study_report import terminal_table
-from stages.study_runner import finish, launch, parallelism, parent_run, prepare, study_lock
+from tilepipe import wiring
+from tilepipe.flows.fanout import run_each
+from tilepipe.flows.settings import prefect_settings
+from tilepipe.params import Params, load_params
+from tilepipe.study.report import terminal_table
+from tilepipe.study.runner import finish, launch, parallelism, parent_run, prepare, study_lock
 
-TILES, SPLIT, OUT = "data/tiles", "data/split/split.json", "reports/study"
+TILES, SPLIT, OUT = str(wiring.TILES), str(wiring.SPLIT), str(wiring.STUDY)
 ARTIFACT_KEY = "tilepipe-study"
 step = partial(task, cache_policy=NO_CACHE)
 
@@ -76,20 +76,9 @@ def study(
 def _run(params: Params, tiles_dir: Path, split_json: Path, out_dir: Path) -> dict[str, Any]:
     plan = plan_task(params, tiles_dir, split_json, out_dir)
     with parent_run(params, split_json, plan) as run_id:
-        with ThreadPoolTaskRunner(max_workers=parallelism(params)) as runner:
-            futures = []
-            for training in plan["trainings"]:
-                named = train_task.with_options(task_run_name=f"study-{training['name']}")
-                arguments = {
-                    "params": params,
-                    "training": training,
-                    "tiles": tiles_dir,
-                    "split_json": split_json,
-                    "parent_run_id": run_id,
-                }
-                futures.append(runner.submit(named, arguments))
-            wait(futures)  # every training ends (or fails) before the first failure is raised
-            rows = [f.result() for f in futures]
+        common = {"params": params, "tiles": tiles_dir, "split_json": split_json, "parent_run_id": run_id}
+        calls = [(f"study-{t['name']}", {**common, "training": t}) for t in plan["trainings"]]
+        rows = run_each(train_task, calls, parallelism(params))
         summary = report_task(params, plan, rows, out_dir, run_id)
     return {**summary, "run_id": run_id}
 

@@ -3,104 +3,24 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from stages.errors import TilepipeError
-from stages.fsutil import write_json
-from stages.params import Params
-from stages.tile_store import read_index
-
-SPLITS = ("train", "val", "test")
-ONE_SCENE = (
-    "the catalog holds a single scene: one scene is one sample of the world, so a model judged "
-    "on it learns one place and one sensor. Add scenes (evaluation needs held-out scenes), or "
-    "opt in to spatial blocks of this scene with split.spatial_blocks=true"
-)
-
-
-def assign_scenes(scenes: list[dict[str, Any]], ratios: dict[str, float], seed: int) -> dict[str, str]:
-    """scene_id -> split: the catalog's ``split`` column where given, else seeded ratios."""
-    fixed = {s["scene_id"]: s["split"] for s in scenes if s.get("split")}
-    free = sorted(s["scene_id"] for s in scenes if not s.get("split"))
-    order = [free[i] for i in np.random.default_rng(seed).permutation(len(free))]
-    want = {k: ratios[k] * len(scenes) for k in SPLITS}
-    have = {k: sum(1 for v in fixed.values() if v == k) for k in SPLITS}
-    assignment = dict(fixed)
-    # Fill the emptiest split relative to its target first, so small catalogs still get each split.
-    for scene_id in order:
-        open_splits = [k for k in SPLITS if ratios[k] > 0]
-        name = min(open_splits, key=lambda k: (have[k] - want[k]) / max(want[k], 1e-9))
-        assignment[scene_id] = name
-        have[name] += 1
-    return assignment
-
-
-def assign_blocks(index: dict[str, Any], params: Params, seed: int) -> dict[str, list[int]]:
-    """Spatial blocks of one scene's tiles -> split, dropping tiles within the buffer of another split."""
-    sp = params.split
-    rows = np.asarray(index["tiles"]["row"], dtype=np.int64)
-    cols = np.asarray(index["tiles"]["col"], dtype=np.int64)
-    if rows.size == 0:
-        return {k: [] for k in SPLITS}
-    # Overlapping tiles (stride < size) share pixels with neighbours up to this many tiles away.
-    buffer = max(sp.buffer_tiles, math.ceil(index["tile_size"] / index["stride"]) - 1)
-    brow, bcol = rows // sp.block_tiles, cols // sp.block_tiles
-    blocks = sorted(set(zip(brow.tolist(), bcol.tolist(), strict=True)))
-    names = assign_scenes([{"scene_id": f"{r}_{c}"} for r, c in blocks], sp.ratios, seed)
-    block_split = np.zeros((brow.max() + 1, bcol.max() + 1), dtype=np.int8)  # empty blocks: train
-    for r, c in blocks:
-        block_split[r, c] = SPLITS.index(names[f"{r}_{c}"])
-    # Split code of every tile position, padded by the buffer (edges repeat their block).
-    pad_rows = np.clip(np.arange(-buffer, rows.max() + buffer + 1), 0, None) // sp.block_tiles
-    pad_cols = np.clip(np.arange(-buffer, cols.max() + buffer + 1), 0, None) // sp.block_tiles
-    grid = block_split[pad_rows.clip(max=brow.max())[:, None], pad_cols.clip(max=bcol.max())[None, :]]
-    members: dict[str, list[int]] = {k: [] for k in SPLITS}
-    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-        around = grid[r : r + 2 * buffer + 1, c : c + 2 * buffer + 1]
-        own = grid[r + buffer, c + buffer]
-        if np.all(around == own):
-            members[SPLITS[own]].append(i)
-    return members
+from tilepipe.errors import TilepipeError
+from tilepipe.fsutil import write_json
+from tilepipe.params import Params
+from tilepipe.tiles.splitting import SPLITS, assign_members, count_split, print_summary
+from tilepipe.tiles.store import read_index
 
 
 def split(params: Params, scenes_json: Path, tiles_dir: Path, out: Path) -> dict[str, Any]:
     """Assign scenes (or opted-in spatial blocks) to splits and write ``out`` (JSON)."""
     scenes = json.loads(Path(scenes_json).read_text())["scenes"]
     indexes = {s["scene_id"]: read_index(Path(tiles_dir) / s["scene_id"]) for s in scenes}
-    n_classes = len(params.data.classes)
-    members: dict[str, dict[str, list[int] | None]] = {k: {} for k in SPLITS}
-    if params.split.spatial_blocks:
-        for s in scenes:
-            for name, tiles in assign_blocks(indexes[s["scene_id"]], params, params.seed).items():
-                if tiles:
-                    members[name][s["scene_id"]] = tiles
-    else:
-        if len(scenes) == 1:
-            raise TilepipeError(f"{scenes_json}: {ONE_SCENE}")
-        for scene_id, name in assign_scenes(scenes, params.split.ratios, params.seed).items():
-            members[name][scene_id] = None  # None: every tile of the scene
-    counts: dict[str, Any] = {}
+    members = assign_members(scenes, indexes, params, scenes_json)
+    counts = {name: count_split(members[name], indexes, params.data.class_names) for name in SPLITS}
     for name in SPLITS:
-        hist = np.zeros(n_classes + 1, dtype=np.int64)
-        tiles = 0
-        for scene_id, chosen in members[name].items():
-            h = np.asarray(indexes[scene_id]["tiles"]["hist"], dtype=np.int64).reshape(-1, n_classes + 1)
-            h = h if chosen is None else h[chosen]
-            hist += h.sum(axis=0)
-            tiles += len(h)
-        labelled = max(int(hist[:n_classes].sum()), 1)
-        counts[name] = {
-            "scenes": len(members[name]),
-            "tiles": tiles,
-            "class_fraction": {
-                c: round(int(hist[i]) / labelled, 4) for i, c in enumerate(params.data.class_names)
-            },
-        }
-        if params.split.ratios[name] > 0 and tiles == 0:
+        if params.split.ratios[name] > 0 and counts[name]["tiles"] == 0:
             why = (
                 f"no scene was assigned to it ({len(scenes)} scene(s) for 3 splits)"
                 if not members[name]
@@ -115,12 +35,3 @@ def split(params: Params, scenes_json: Path, tiles_dir: Path, out: Path) -> dict
     write_json(out, result)
     print_summary(result, params.data.class_names)
     return result
-
-
-def print_summary(result: dict[str, Any], class_names: list[str]) -> None:
-    """Print scenes, tiles and class balance per split."""
-    print(f"split ({result['mode']}):")
-    print(f"  {'split':<6} {'scenes':>6} {'tiles':>8}  " + " ".join(f"{c[:8]:>8}" for c in class_names))
-    for name, c in result["counts"].items():
-        shares = " ".join(f"{c['class_fraction'][k]:>8.1%}" for k in class_names)
-        print(f"  {name:<6} {c['scenes']:>6} {c['tiles']:>8}  {shares}")

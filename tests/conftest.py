@@ -13,7 +13,9 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from stages.params import load_params
+from tilepipe.params import load_params
+
+pytest_plugins = ["tests.prefect_server"]  # the `prefect_api` fixture: one real Prefect server per session
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["water", "forest", "cropland", "urban", "bare"]
@@ -120,9 +122,9 @@ def prepare_tiny_pipeline(
     size: tuple[int, int] | None = None,
 ):
     """Small scenes (one per entry of ``splits``) ingested, tiled and split; returns (tmp_path, params)."""
-    from stages.ingest import ingest
-    from stages.split import split
-    from stages.tile import tile
+    from tilepipe.stages.ingest import ingest
+    from tilepipe.stages.split import split
+    from tilepipe.stages.tile import tile
 
     rows = []
     for i, name in enumerate(splits):
@@ -172,7 +174,31 @@ def copy_repo(dest: Path) -> None:
         check=True,
     ).stdout.splitlines()
     for name in names:
-        if name.startswith(NOT_SOURCES) or not (ROOT / name).is_file():
+        source = ROOT / name
+        if name.startswith(NOT_SOURCES) or not (source.is_file() or source.is_symlink()):
             continue
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest / name)
+        if source.is_symlink():  # tilepipe/stages -> ../stages: a link, as git keeps it
+            os.symlink(os.readlink(source), dest / name)
+        else:
+            shutil.copy2(source, dest / name)
+
+
+# Tiny training params shared by the training, tracking and segmentation tests.
+TRAIN = ["train.epochs=3", "train.batch_size=16", "train.width=8", "train.min_purity=0.5", "train.lr=0.01"]
+
+
+SEG = [  # the U-Net path, as in tests/test_segmentation.py
+    "train.task=segmentation",
+    "train.model=unet",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.width=8",
+    "train.lr=0.01",
+    "train.early_stopping.metric=val_miou",
+]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    return prepare_tiny_pipeline(tmp_path, *TRAIN)

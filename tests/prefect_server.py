@@ -1,9 +1,8 @@
 """A real Prefect API for the flow tests: one `prefect server start` per test session (per xdist worker).
 
-Import the fixture into a test module (``from tests.prefect_server import prefect_api_fixture``;
-it is named ``prefect_api``) and mark
-the tests ``@pytest.mark.xdist_group("prefect")`` so that ``pytest -n 2 --dist loadgroup`` runs
-them on one worker, against one server.
+A pytest plugin (conftest.py's ``pytest_plugins``): a test that asks for the ``prefect_api``
+fixture gets the server; mark such tests ``@pytest.mark.xdist_group("prefect")`` so that
+``pytest -n 2 --dist loadgroup`` runs them on one worker, against one server.
 """
 
 from __future__ import annotations

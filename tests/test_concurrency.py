@@ -13,9 +13,9 @@ import pytest
 import zc.lockfile
 from dvc.lock import make_lock
 
-from flows import dvc_cli
-from flows.repo_lock import LOCK_FILE, pipeline_lock
 from tests.conftest import copy_repo
+from tilepipe.flows import dvc_cli
+from tilepipe.flows.repo_lock import LOCK_FILE, pipeline_lock
 
 pytestmark = pytest.mark.xdist_group("dvc")
 BIN = Path(sys.executable).parent

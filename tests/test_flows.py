@@ -32,15 +32,14 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import ObjectNotFound
 from rasterio.errors import RasterioError
 
-import flows.pipeline as pipeline_module
-from flows.deploy import DEFAULT_CRON
-from flows.pipeline import ingest_task, pipeline, plan_task, tile_all
-from flows.report import ARTIFACT_KEY
-from stages.errors import TilepipeError
-from stages.params import load_params
-from stages.tile import tile_scene
+import tilepipe.flows.pipeline as pipeline_module
 from tests.conftest import ROOT, copy_repo, tiny_overrides, write_catalog, write_scene
-from tests.prefect_server import prefect_api_fixture  # noqa: F401 - registers the `prefect_api` fixture
+from tilepipe.errors import TilepipeError
+from tilepipe.flows.deploy import DEFAULT_CRON
+from tilepipe.flows.pipeline import ingest_task, pipeline, plan_task, tile_all
+from tilepipe.flows.report import ARTIFACT_KEY
+from tilepipe.params import load_params
+from tilepipe.stages.tile import tile_one
 
 pytestmark = [pytest.mark.xdist_group("prefect"), pytest.mark.usefixtures("prefect_api")]
 
@@ -266,13 +265,13 @@ def test_a_transient_tile_error_is_retried(tmp_path, transient):
     overrides = make_workspace(tmp_path, 3, size=(96, 80))
     calls: Counter[str] = Counter()
 
-    def flaky(scene, params, scene_dir):
+    def flaky(scene, params, out_dir):
         calls[scene["scene_id"]] += 1
         if scene["scene_id"] == "s1" and calls["s1"] == 1:
             raise transient
-        return tile_scene(scene, params, scene_dir)
+        return tile_one(scene, params, out_dir)
 
-    state = run_flow(tmp_path, overrides, tile_only, tile_scene=flaky)
+    state = run_flow(tmp_path, overrides, tile_only, tile_one=flaky)
     assert state.is_completed(), state
     assert calls == {"s0": 1, "s1": 2, "s2": 1}
     runs = task_runs(flow_run_id(state))
@@ -286,13 +285,13 @@ def test_bad_input_in_a_tile_task_is_not_retried(tmp_path):
     overrides = make_workspace(tmp_path, 3, size=(96, 80))
     calls: Counter[str] = Counter()
 
-    def broken(scene, params, scene_dir):
+    def broken(scene, params, out_dir):
         calls[scene["scene_id"]] += 1
         if scene["scene_id"] == "s1":
             raise TilepipeError("s1.tif: injected bad input")
-        return tile_scene(scene, params, scene_dir)
+        return tile_one(scene, params, out_dir)
 
-    state = run_flow(tmp_path, overrides, tile_only, tile_scene=broken)
+    state = run_flow(tmp_path, overrides, tile_only, tile_one=broken)
     assert state.is_failed()
     with pytest.raises(TilepipeError, match="injected bad input"):
         state.result()
@@ -435,7 +434,7 @@ def test_flow_matches_dvc_repro_and_leaves_dvc_up_to_date(tmp_path):
     # (In a subprocess: the test process may hold stages modules older than the files.)
     check = (
         "from flows import dvc_cli as dvc\n"
-        "from stages.params import load_params\n"
+        "from tilepipe.params import load_params\n"
         "assert dvc.why_not_commit(load_params('params.yaml')) is None\n"
         "assert 'params.yaml' in dvc.why_not_commit(load_params('params.yaml', ['train.epochs=3']))\n"
         "assert dvc.synthesis_is_current(load_params('params.yaml'))\n"

@@ -18,11 +18,6 @@ import psutil
 import pytest
 import torch
 
-from stages.errors import TilepipeError
-from stages.ingest import ingest
-from stages.tile import plan, tile
-from stages.tile_store import SceneTiles, read_index, scene_dirs, verify_shards
-from stages.train import load_model, train
 from tests.conftest import (
     ROOT,
     prepare_tiny_pipeline,
@@ -31,6 +26,13 @@ from tests.conftest import (
     write_catalog,
     write_scene,
 )
+from tilepipe.errors import TilepipeError
+from tilepipe.ml.checkpoint import load_model
+from tilepipe.ml.training import train
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.tile import tile
+from tilepipe.tiles.cutting import plan
+from tilepipe.tiles.store import SceneTiles, read_index, scene_dirs, verify_shards
 
 TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
 TILE = ["tile.size=32", "tile.stride=16", "tile.shard_mb=1"]

@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from stages.errors import TilepipeError
-from stages.params import apply_overrides, flatten, load_params, parse_override
 from tests.conftest import ROOT
+from tilepipe.errors import TilepipeError
+from tilepipe.params import apply_overrides, flatten, load_params, parse_override
 
 
 def test_project_params_validate():
@@ -61,7 +61,7 @@ def test_flatten_for_trackers():
 
 def test_cli_reports_bad_param_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "split", "--set", "tile.size=-4"],
+        [sys.executable, "-m", "tilepipe", "split", "--set", "tile.size=-4"],
         cwd=ROOT,
         capture_output=True,
         text=True,

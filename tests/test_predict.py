@@ -11,18 +11,6 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from stages import cli
-from stages.blend import NODATA, UNET_EXACT_MARGIN, UNET_RECEPTIVE_RADIUS, classify_strips, segment_strips
-from stages.errors import TilepipeError
-from stages.ingest import ingest
-from stages.models import Normalized, SmallCNN, UNet
-from stages.params import load_params
-from stages.predict import open_scene, predict_scene, predict_strips, resolve_model
-from stages.raster_io import target_grid
-from stages.scene_eval import evaluate_scenes, held_out_scenes, predict_held_out
-from stages.split import split
-from stages.tile import tile
-from stages.train import load_model, save_model, train
 from tests.conftest import (
     CLASSES,
     ROOT,
@@ -32,6 +20,27 @@ from tests.conftest import (
     write_raster,
     write_scene,
 )
+from tilepipe import cli
+from tilepipe.errors import TilepipeError
+from tilepipe.geo.raster_io import target_grid
+from tilepipe.mapping.blend import (
+    NODATA,
+    UNET_EXACT_MARGIN,
+    UNET_RECEPTIVE_RADIUS,
+    classify_strips,
+    segment_strips,
+)
+from tilepipe.mapping.predict import open_scene, predict_scene, predict_strips
+from tilepipe.mapping.scoring import evaluate_scenes, held_out_scenes
+from tilepipe.ml.checkpoint import load_model, save_model
+from tilepipe.ml.models import Normalized, SmallCNN, UNet
+from tilepipe.ml.training import train
+from tilepipe.params import load_params
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.predict import predict_held_out
+from tilepipe.stages.split import split
+from tilepipe.stages.tile import tile
+from tilepipe.tracking.models import resolve_model
 
 RGB = ["red", "green", "blue"]
 SCALE = {"uint8": [0, 255], "uint16": [0, 10000]}
@@ -377,7 +386,8 @@ def test_classification_maps_a_tiny_scene(trained, monkeypatch):
 def test_models_resolve_from_mlflow_and_serve_through_pyfunc(trained, monkeypatch):
     import mlflow.pyfunc
 
-    from stages.tracking import log_trained_model, register, training_run
+    from tilepipe.tracking.registry import register
+    from tilepipe.tracking.runs import log_trained_model, training_run
 
     tmp_path, params, _ = trained
     monkeypatch.chdir(tmp_path)
@@ -417,8 +427,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import torch
-    from stages.params import load_params
-    from stages.predict import predict_scene
+    from tilepipe.params import load_params
+    from tilepipe.mapping.predict import predict_scene
     torch.manual_seed(0)
     torch.set_num_threads(1)
     scene, out, params_file = sys.argv[1:4]

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from flows.settings import prefect_settings
 from tests.conftest import NOT_SOURCES, ROOT
+from tilepipe.flows.settings import prefect_settings
 
 SUBPROCESS = {"run", "Popen", "call", "check_call", "check_output", "getoutput", "getstatusoutput"}
 

@@ -5,15 +5,17 @@ import pytest
 import rasterio
 import torch
 
-from stages import cli
-from stages.evaluate import evaluate
-from stages.predict import predict_scene, resolve_model
-from stages.scene_eval import held_out_scenes, predict_held_out
-from stages.train import load_model, train
-from tests.conftest import CLASSES, ROOT, prepare_tiny_pipeline, tiny_overrides
-from tests.test_train import SEG as TRAIN_SEG
+from tests.conftest import CLASSES, ROOT, SEG, prepare_tiny_pipeline, tiny_overrides
+from tilepipe import cli
+from tilepipe.mapping.predict import predict_scene
+from tilepipe.mapping.scoring import held_out_scenes
+from tilepipe.ml.checkpoint import load_model
+from tilepipe.ml.training import train
+from tilepipe.stages.evaluate import evaluate
+from tilepipe.stages.predict import predict_held_out
+from tilepipe.tracking.models import resolve_model
 
-SEG = [*TRAIN_SEG, "predict.window=64", "predict.margin=24"]  # the resume test is in test_train.py
+SEG_MAPS = [*SEG, "predict.window=64", "predict.margin=24"]  # the resume test is in test_train.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,7 +28,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def prepared(tmp_path):
-    return prepare_tiny_pipeline(tmp_path, *SEG)
+    return prepare_tiny_pipeline(tmp_path, *SEG_MAPS)
 
 
 def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypatch):
@@ -80,7 +82,8 @@ def test_segmentation_through_mlflow_champion_predict_and_pyfunc(prepared, monke
     tmp_path, params = prepared
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    sets = [x for o in [*tiny_overrides(tmp_path), *SEG, "track.champion_metric=miou"] for x in ("--set", o)]
+    overrides = [*tiny_overrides(tmp_path), *SEG_MAPS, "track.champion_metric=miou"]
+    sets = [x for o in overrides for x in ("--set", o)]
     common = ["--params", str(ROOT / "params.yaml"), *sets]
     paths = ["--tiles", str(tmp_path / "tiles"), "--split", str(tmp_path / "split.json")]
     assert cli.main(["train", *common, *paths, "--out", str(tmp_path / "models")]) == 0

@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from stages.errors import TilepipeError
-from stages.ingest import ingest
-from stages.split import assign_scenes, split
-from stages.tile import tile
 from tests.conftest import tiny_params, write_catalog, write_scene
+from tilepipe.errors import TilepipeError
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.split import split
+from tilepipe.stages.tile import tile
+from tilepipe.tiles.splitting import assign_scenes
 
 
 def _prepare(tmp_path, catalog, *overrides):

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from stages import cli
-from stages.study import plan_study, scene_orders, share, study_sizes
 from tests.conftest import (
     ROOT,
     prepare_tiny_pipeline,
     tiny_overrides,
     tiny_params,
 )
-from tests.prefect_server import prefect_api_fixture  # noqa: F401 - registers the `prefect_api` fixture
+from tilepipe import cli
+from tilepipe.study.plan import plan_study, scene_orders, share, study_sizes
 
 # One xdist worker for the module: the tiny study runs once, and the flow test shares the Prefect server.
 pytestmark = pytest.mark.xdist_group("prefect")
@@ -109,7 +108,7 @@ def test_study_writes_table_plot_and_nested_mlflow_runs(study_run: Path, workspa
 
 def test_study_flow_repeats_the_cli_numbers(study_run: Path, workspace: Path, prefect_api: str) -> None:
     """The Prefect flow, on the same seed, retrains n1-r0 and trap-r0 to the very same scores."""
-    from flows.study import study
+    from tilepipe.flows.study import study
 
     overrides = [*tiny_overrides(workspace), *TINY, "study.sizes=[1]", "study.repeats=1"]
     with pytest.MonkeyPatch.context() as mp:
@@ -169,7 +168,7 @@ def test_user_mistakes_are_one_line(workspace, tmp_path, monkeypatch, capsys, ar
 
 
 def test_a_second_study_into_the_same_folder_is_refused(workspace, tmp_path, monkeypatch, capsys) -> None:
-    from stages.study_runner import study_lock
+    from tilepipe.study.runner import study_lock
 
     monkeypatch.chdir(tmp_path)
     with study_lock(tmp_path / "out"):

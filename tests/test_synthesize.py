@@ -8,8 +8,11 @@ import rasterio
 from rasterio.features import rasterize
 from rasterio.warp import Resampling, reproject, transform_geom
 
-from stages import synthesize as synth
-from stages.params import DataParams, SynthesizeParams
+from tilepipe.fsutil import is_leftover
+from tilepipe.params import DataParams, SynthesizeParams
+from tilepipe.stages import synthesize as synth
+from tilepipe.synth import plan as synth_plan
+from tilepipe.synth import scenes as synth_scenes
 
 CLASSES = [
     {"name": "water", "value": 1},
@@ -52,7 +55,7 @@ def test_catalog_columns_and_relative_paths(built):
             assert (out / r[key]).is_file()
     kinds = {Path(r["labels"]).suffix for r in rows}
     assert kinds == {".tif", ".geojson"}
-    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in out.parent.iterdir() if is_leftover(p)]
 
 
 def test_sizes_gsd_and_crs(built):
@@ -157,8 +160,8 @@ def test_geojson_labels(built):
 def test_imagery_follows_labels(built):
     """The image's class layout (from the generator) matches its labels, read back from disk."""
     out, _, rows = built
-    for plan in synth.plan_scenes(params(), len(CLASSES)):
-        want = synth._window_classes(plan, np.arange(plan.height), np.arange(plan.width)) + 1
+    for plan in synth_plan.plan_scenes(params(), len(CLASSES)):
+        want = synth_scenes._window_classes(plan, np.arange(plan.height), np.arange(plan.width)) + 1
         path = out / next(r["labels"] for r in rows if r["scene_id"] == plan.sid)
         got = np.zeros(want.shape, np.uint8)
         if path.suffix == ".tif":
@@ -227,7 +230,7 @@ def test_replaces_atomically(tmp_path, monkeypatch):
 
 def test_windows_cover_scene_once():
     seen = np.zeros((700, 1500), int)
-    for w in synth._windows(1500, 700, 256):
+    for w in synth_scenes._windows(1500, 700, 256):
         assert w.row_off % 256 == 0 and w.col_off % 256 == 0
         seen[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += 1
     assert (seen == 1).all()
@@ -235,14 +238,14 @@ def test_windows_cover_scene_once():
 
 def test_places_lack_different_land_covers():
     """Each scene lacks one land cover, dealt so every class is missing from equally many scenes."""
-    from stages.synth_fields import ABSENT, grid_classes
+    from tilepipe.synth.fields import ABSENT, grid_classes
 
-    plans = synth.plan_scenes(SynthesizeParams(scenes=10, min_size=100, max_size=160, seed=7), 5)
+    plans = synth_plan.plan_scenes(SynthesizeParams(scenes=10, min_size=100, max_size=160, seed=7), 5)
     lacking = [np.flatnonzero(p.look.bias == ABSENT).tolist() for p in plans]
     assert all(len(a) == 1 for a in lacking)
     assert np.bincount([a[0] for a in lacking], minlength=5).tolist() == [2] * 5
     for plan, (absent,) in zip(plans[:3], lacking[:3], strict=True):
         xs = np.linspace(0, 4000, 200)
         assert absent not in np.unique(grid_classes(plan.look, xs, xs))
-    few = synth.plan_scenes(SynthesizeParams(scenes=4, min_size=100, max_size=160, seed=7), 3)
+    few = synth_plan.plan_scenes(SynthesizeParams(scenes=4, min_size=100, max_size=160, seed=7), 3)
     assert not any((p.look.bias == ABSENT).any() for p in few)

@@ -6,12 +6,12 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_geom
 
-from stages.errors import TilepipeError
-from stages.ingest import ingest
-from stages.labels import IGNORE
-from stages.tile import tile
-from stages.tile_store import SceneTiles, ShardWriter, read_index, verify_shards, write_index
 from tests.conftest import tiny_params, write_catalog, write_geojson, write_raster, write_scene
+from tilepipe.errors import TilepipeError
+from tilepipe.geo.labels import IGNORE
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.tile import tile
+from tilepipe.tiles.store import SceneTiles, ShardWriter, read_index, verify_shards, write_index
 
 ORIGIN = (500000.0, 4000000.0)
 
@@ -215,8 +215,8 @@ def test_same_crs_label_raster_matches_a_whole_raster_nearest_warp(tmp_path, res
     from rasterio.warp import Resampling, reproject
     from rasterio.windows import Window
 
-    from stages.labels import RasterLabels
-    from stages.raster_io import Grid
+    from tilepipe.geo.labels import RasterLabels
+    from tilepipe.geo.raster_io import Grid
 
     grid = Grid(CRS.from_epsg(32633), from_origin(500000, 4000000, 1.0, 1.0), 203, 157)
     n = int(260 / res)
@@ -256,8 +256,8 @@ def test_same_crs_label_raster_matches_a_whole_raster_nearest_warp(tmp_path, res
 )
 def test_pixels_are_stored_compactly_and_read_as_the_scaled_values(tmp_path, dtype, stored, high):
     """8/16-bit scenes keep their integers in the store; readers see exactly scale_to_unit's values."""
-    from stages.raster_io import scale_to_unit
-    from stages.tile_store import PixelEncoding
+    from tilepipe.geo.raster_io import scale_to_unit
+    from tilepipe.tiles.store import PixelEncoding
 
     rng = np.random.default_rng(1)
     values = rng.uniform(1, high, (3, 40, 48)).astype(dtype)  # some above the scale's top: clipped
@@ -295,7 +295,7 @@ def test_pixels_are_stored_compactly_and_read_as_the_scaled_values(tmp_path, dty
 
 
 def test_integer_range_below_the_dtype_falls_back_to_float16():
-    from stages.tile_store import PixelEncoding
+    from tilepipe.tiles.store import PixelEncoding
 
     assert PixelEncoding.for_source("uint8", {"uint8": (-10.0, 245.0)}).dtype == "float16"
     assert PixelEncoding.for_source("uint32", {"uint32": (0.0, 10000.0)}).dtype == "float16"
@@ -306,7 +306,7 @@ def test_integer_range_below_the_dtype_falls_back_to_float16():
 def test_tile_histograms_count_each_class_and_ignored_pixels(n_classes):
     """Both ways of counting (compare-and-count for few classes, one bincount for many) agree with
     a per-tile bincount; values that are neither a class nor IGNORE are not counted."""
-    from stages.tile import _histograms
+    from tilepipe.tiles.cutting import _histograms
 
     rng = np.random.default_rng(n_classes)
     labels = rng.integers(0, n_classes + 3, (17, 64), dtype=np.uint8)  # some values past the classes
@@ -325,7 +325,7 @@ def test_tile_histograms_count_each_class_and_ignored_pixels(n_classes):
 def test_cut_gives_each_tile_its_own_window(dtype, size, stride):
     """Tiles cut from a chunk (bands or not, side by side or overlapping, all or some kept) are the
     chunk's windows at their grid positions, in row-major order."""
-    from stages.tile import _cut
+    from tilepipe.tiles.cutting import _cut
 
     nr, nc = 3, 4
     rng = np.random.default_rng(size * stride)

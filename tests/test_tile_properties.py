@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
-from stages.ingest import ingest
-from stages.labels import IGNORE
-from stages.tile import tile
-from stages.tile_store import SceneTiles
 from tests.conftest import tiny_params, write_catalog, write_raster
+from tilepipe.geo.labels import IGNORE
+from tilepipe.stages.ingest import ingest
+from tilepipe.stages.tile import tile
+from tilepipe.tiles.store import SceneTiles
 
 VALUE = 200  # every valid image pixel: any resampling of valid pixels gives it back
 

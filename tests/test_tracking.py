@@ -3,10 +3,9 @@ import json
 import torch
 from mlflow import MlflowClient
 
-from stages import cli
-from stages.train import load_model, save_model
-from tests.conftest import ROOT, tiny_overrides
-from tests.test_train import TRAIN, prepared  # noqa: F401 - fixture
+from tests.conftest import ROOT, TRAIN, tiny_overrides
+from tilepipe import cli
+from tilepipe.ml.checkpoint import load_model, save_model
 
 
 def _cli(tmp_path, command, *args, extra=()):

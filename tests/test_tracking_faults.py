@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from stages.errors import TilepipeError
-from stages.tracking_check import SQLITE_BUSY_S, fail_fast, probe_sqlite
-from tests.conftest import ROOT, tiny_overrides
-from tests.test_train import TRAIN, prepared  # noqa: F401 - fixture
+from tests.conftest import ROOT, TRAIN, tiny_overrides
+from tilepipe.errors import TilepipeError
+from tilepipe.tracking.check import SQLITE_BUSY_S, fail_fast, probe_sqlite
 
 TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
 PROCESS_BOUND_S = 180  # process start (torch, mlflow imports) on a busy 2-core machine + the probe;

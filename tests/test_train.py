@@ -4,27 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
-from stages.train import load_model, train
-from tests.conftest import prepare_tiny_pipeline, tiny_params
-
-TRAIN = ["train.epochs=3", "train.batch_size=16", "train.width=8", "train.min_purity=0.5", "train.lr=0.01"]
-
-
-SEG = [  # the U-Net path, as in tests/test_segmentation.py
-    "train.task=segmentation",
-    "train.model=unet",
-    "train.epochs=3",
-    "train.batch_size=8",
-    "train.width=8",
-    "train.lr=0.01",
-    "train.early_stopping.metric=val_miou",
-]
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    return prepare_tiny_pipeline(tmp_path, *TRAIN)
+from tests.conftest import SEG, TRAIN, prepare_tiny_pipeline, tiny_params
+from tilepipe.ml.checkpoint import load_model
+from tilepipe.ml.dataset import TileBatches, make_loader, open_stores, select_tiles, split_members
+from tilepipe.ml.training import train
 
 
 def test_an_epoch_is_every_training_tile_once_and_nothing_else(prepared):
@@ -101,8 +84,8 @@ def test_model_carries_its_normalisation(prepared):
 STEP_FAULTS = """
 import resource, sys, torch
 from torch import nn
-from stages.loops import keep_freed_memory
-from stages.models import SmallCNN
+from tilepipe.ml.loops import keep_freed_memory
+from tilepipe.ml.models import SmallCNN
 if sys.argv[1] == "keep":
     keep_freed_memory()
 torch.manual_seed(0)
@@ -142,7 +125,7 @@ def test_training_steps_reuse_freed_memory_instead_of_faulting_it_back_in():
 
 def test_augmentation_turns_each_tile_and_its_labels_together_as_torch_would():
     """The 8 flips/turns match torch.rot90 then torch.flip on the last two axes, for every op."""
-    from stages.dataset import dihedral, dihedral_ops
+    from tilepipe.ml.dataset import dihedral, dihedral_ops
 
     rng = np.random.default_rng(3)
     images = rng.random((24, 3, 8, 8), dtype=np.float32)
@@ -161,7 +144,7 @@ def test_augmentation_turns_each_tile_and_its_labels_together_as_torch_would():
 
 def test_loader_batches_hold_the_gathered_tiles_turned_by_their_ops(prepared):
     tmp_path, _ = prepared
-    from stages.dataset import dihedral, dihedral_ops
+    from tilepipe.ml.dataset import dihedral, dihedral_ops
 
     members = split_members(tmp_path / "split.json", "train")
     stores = open_stores(tmp_path / "tiles", sorted(members))

@@ -15,9 +15,9 @@ from rasterio.features import rasterize
 from rasterio.warp import transform_bounds, transform_geom
 from rasterio.windows import Window
 
-from stages.errors import bad_file
-from stages.params import DataParams
-from stages.raster_io import Grid, aligned, check_georeferenced, is_native, open_raster, read_padded
+from tilepipe.errors import bad_file
+from tilepipe.geo.raster_io import Grid, aligned, check_georeferenced, is_native, open_raster, read_padded
+from tilepipe.params import DataParams
 
 IGNORE = 255  # class index stored for unlabelled / nodata pixels in the tile store
 GEOJSON_SUFFIXES = (".geojson", ".json")

@@ -9,8 +9,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.errors import TilepipeError
-from stages.params import Params, load_params
+from tilepipe import wiring as w
+from tilepipe.errors import TilepipeError
+from tilepipe.params import Params, load_params
 
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], object]]] = {}
 
@@ -25,65 +26,62 @@ def command(name: str, help_text: str):
     return register
 
 
-def _path_args(sub: argparse.ArgumentParser, **paths: str) -> None:
+def _path_args(sub: argparse.ArgumentParser, **paths: Path) -> None:
     for name, default in paths.items():
-        sub.add_argument(
-            f"--{name.replace('_', '-')}", type=Path, default=Path(default), help=f"(default: {default})"
-        )
+        flag = f"--{name.replace('_', '-')}"
+        sub.add_argument(flag, type=Path, default=default, help=f"(default: {default})")
 
 
 @command("synthesize", "write the built-in synthetic scene collection and its catalog")
 def _synthesize(params: Params, args: argparse.Namespace) -> None:
-    from stages.synthesize import synthesize
+    from tilepipe.stages.synthesize import synthesize
 
     synthesize(params.synthesize, params.data, args.out)
 
 
 @command("ingest", "validate the catalog's scenes and record per-scene metadata")
 def _ingest(params: Params, args: argparse.Namespace) -> None:
-    from stages.ingest import ingest
+    from tilepipe.stages.ingest import ingest
 
     ingest(params, args.catalog or params.data.catalog, args.out)
 
 
 @command("tile", "cut scenes into tiles with windowed reads (incremental)")
 def _tile(params: Params, args: argparse.Namespace) -> None:
-    from stages.tile import tile
+    from tilepipe.stages.tile import tile
 
     tile(params, args.scenes, args.out)
 
 
 @command("split", "assign whole scenes to train / val / test")
 def _split(params: Params, args: argparse.Namespace) -> None:
-    from stages.split import split
+    from tilepipe.stages.split import split
 
     split(params, args.scenes, args.tiles, args.out)
 
 
 @command("train", "train a model over every training tile of every training scene")
 def _train(params: Params, args: argparse.Namespace) -> None:
-    from stages.tracking import tracked_train
+    from tilepipe.stages.train import train
 
-    tracked_train(params, args.tiles, args.split, args.out)
+    train(params, args.tiles, args.split, args.out)
 
 
 @command("evaluate", "score the model on the held-out test scenes, log it and register it")
 def _evaluate(params: Params, args: argparse.Namespace) -> None:
-    from stages.tracking import register_trained, tracked_evaluate
+    from tilepipe.stages.evaluate import evaluate, register
 
-    tracked_evaluate(params, args.model_dir, args.tiles, args.split, args.out, args.maps, args.scenes)
+    evaluate(params, args.model_dir, args.tiles, args.split, args.out, args.maps, args.scenes)
     if not args.no_register and (args.model_dir / "run.json").is_file():
-        register_trained(params, args.model_dir, args.out, args.split)
+        register(params, args.model_dir, args.out, args.split)
 
 
 @command("predict", "predict a whole scene to a georeferenced map (COG)")
 def _predict(params: Params, args: argparse.Namespace) -> None:
-    from stages.predict import predict_scene, resolve_model
+    from tilepipe.stages.predict import predict_held_out, predict_one
 
     model_spec = args.model or f"models:/{params.track.model_name}@champion"
     if args.test_scenes is not None:
-        from stages.scene_eval import predict_held_out
-
         if args.scene is not None or args.probabilities or args.bands:
             raise TilepipeError(
                 "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities or --bands"
@@ -94,39 +92,38 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
         raise TilepipeError(
             "predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the held-out test scenes"
         )
-    model, meta = resolve_model(model_spec)
-    predict_scene(params, model, meta, args.scene, args.output, args.probabilities, args.bands)
+    predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands)
 
 
 @command("flow", "run the whole pipeline (or `flow study`: the scene-scaling study) as a Prefect flow")
 def _flow(params: Params, args: argparse.Namespace) -> None:
     if args.flow == "study":
-        from flows.study import run_study_flow
+        from tilepipe.flows.study import run_study_flow
 
         run_study_flow(args.params, args.overrides)
         return
-    from flows.pipeline import run_pipeline
+    from tilepipe.flows.pipeline import run_pipeline
 
     run_pipeline(args.params, args.overrides)
 
 
 @command("serve", "serve the Prefect deployments: nightly schedule and on demand")
 def _serve(params: Params, args: argparse.Namespace) -> None:
-    from flows.deploy import serve
+    from tilepipe.flows.deploy import serve
 
     serve(args.params, args.overrides)
 
 
 @command("study", "scene-scaling study: held-out score against the number of training scenes")
 def _study(params: Params, args: argparse.Namespace) -> None:
-    from stages.params import apply_overrides, validate
-    from stages.study_runner import run_study
+    from tilepipe.params import apply_overrides, validate
+    from tilepipe.stages.study import study
 
     flags = [f"study.sizes={args.sizes}"] if args.sizes else []
     flags += [f"study.repeats={args.repeats}"] if args.repeats is not None else []
     if flags:
         params = validate(apply_overrides(params.model_dump(mode="json"), flags), source="tilepipe study")
-    run_study(params, args.tiles, args.split, args.out)
+    study(params, args.tiles, args.split, args.out)
 
 
 def _sizes(text: str) -> list[int]:
@@ -138,7 +135,7 @@ def _sizes(text: str) -> list[int]:
 
 @command("report", "print a summary of the pipeline's outputs")
 def _report(params: Params, args: argparse.Namespace) -> None:
-    from stages.split import print_summary
+    from tilepipe.tiles.splitting import print_summary
 
     if not args.split.is_file():
         raise TilepipeError(f"{args.split}: not found; run `dvc repro` first")
@@ -172,24 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "synthesize": lambda s: _path_args(s, out="data/synthetic"),
+    "synthesize": lambda s: _path_args(s, out=w.SYNTHETIC),
     "ingest": lambda s: (
         s.add_argument("--catalog", type=Path, default=None, help="(default: data.catalog in params)"),
-        _path_args(s, out="data/ingest/scenes.json"),
+        _path_args(s, out=w.SCENES),
     ),
-    "tile": lambda s: _path_args(s, scenes="data/ingest/scenes.json", out="data/tiles"),
+    "tile": lambda s: _path_args(s, scenes=w.SCENES, out=w.TILES),
     "split": lambda s: _path_args(
-        s, scenes="data/ingest/scenes.json", tiles="data/tiles", out="data/split/split.json"
+        s, scenes=w.SCENES, tiles=w.TILES, out=w.SPLIT
     ),
-    "train": lambda s: _path_args(s, tiles="data/tiles", split="data/split/split.json", out="models"),
+    "train": lambda s: _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS),
     "evaluate": lambda s: (
         _path_args(
             s,
-            model_dir="models",
-            tiles="data/tiles",
-            split="data/split/split.json",
-            out="metrics",
-            scenes="data/ingest/scenes.json",
+            model_dir=w.MODELS,
+            tiles=w.TILES,
+            split=w.SPLIT,
+            out=w.METRICS,
+            scenes=w.SCENES,
         ),  # fmt: skip
         s.add_argument(
             "--maps",
@@ -209,7 +206,7 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             metavar="DIR",
             help="instead of one scene, map every held-out test scene of --split into DIR/<scene_id>.tif",
         ),  # fmt: skip
-        _path_args(s, scenes="data/ingest/scenes.json", split="data/split/split.json"),
+        _path_args(s, scenes=w.SCENES, split=w.SPLIT),
         s.add_argument(
             "--model",
             default=None,
@@ -223,9 +220,9 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
         ),
     ),
-    "report": lambda s: _path_args(s, split="data/split/split.json", metrics="metrics/metrics.json"),
+    "report": lambda s: _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json"),
     "study": lambda s: (
-        _path_args(s, tiles="data/tiles", split="data/split/split.json", out="reports/study"),
+        _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.STUDY),
         s.add_argument("--sizes", type=_sizes, default=None, help="training-scene counts, e.g. 1,2,4,6"),
         s.add_argument("--repeats", type=int, default=None, help="seeded repeats (default: study.repeats)"),
     ),

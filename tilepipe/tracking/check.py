@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from stages.errors import TilepipeError
+from tilepipe.errors import TilepipeError
 
 SQLITE_BUSY_S = 3.0  # how long the probe waits for another process's lock on the SQLite store
 HTTP_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

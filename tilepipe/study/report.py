@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages.fsutil import atomic_path, write_json, write_text  # noqa: E402
+from tilepipe.fsutil import write_json, write_text  # noqa: E402
+from tilepipe.ml.plots import save_png  # noqa: E402
 
 COLUMNS = (
     "kind",
@@ -103,9 +104,7 @@ def plot_study(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         "per model",
         fontsize=10,
     )
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_outputs(out: Path, plan: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,10 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages.fsutil import atomic_path  # noqa: E402
+from tilepipe.fsutil import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """Write a figure as a PNG atomically (temp file, then rename) and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -33,7 +34,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     right.set_ylim(0, 1)
     right.legend()
     fig.suptitle("Learning curves")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
@@ -51,4 +52,4 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: st
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)

@@ -22,7 +22,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
-from stages.errors import TilepipeError, bad_file
+from tilepipe.errors import TilepipeError, bad_file
 
 T = TypeVar("T")
 

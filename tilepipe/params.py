@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.errors import TilepipeError
+from tilepipe.errors import TilepipeError
 
 DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 

@@ -27,9 +27,9 @@ import numpy as np
 import orjson
 import xxhash
 
-from stages.errors import TilepipeError
-from stages.fsutil import atomic_path, write_json
-from stages.raster_io import scale_to_unit
+from tilepipe.errors import TilepipeError
+from tilepipe.fsutil import atomic_path, write_json
+from tilepipe.geo.raster_io import scale_to_unit
 
 INDEX = "index.json"
 UNIT_DTYPE = "float16"  # how pixels of dtypes not stored as read are kept: scaled onto [0, 1]

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import bad_file
+from tilepipe.errors import bad_file
 
 SCENE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stages.labels import IGNORE
-from stages.tile_store import SceneTiles
+from tilepipe.geo.labels import IGNORE
+from tilepipe.tiles.store import SceneTiles
 
 Task = Literal["classification", "segmentation"]
 

@@ -1,4 +1,4 @@
-"""One study training in its own process, forked by stages/study_runner.py from a forkserver.
+"""One study training in its own process, forked by tilepipe/study/runner.py from a forkserver.
 
 The forkserver imports this module once, with torch and MLflow, so a training starts in a second
 rather than paying those imports again. Its MLflow run is a child of the study's run (tag
@@ -10,18 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 import torch._dynamo  # noqa: F401 - imported by the first optimiser; here once, in the forkserver
 
-from stages.evaluate import evaluate  # noqa: F401 - preloaded for the forked trainings
-from stages.fsutil import write_json
-from stages.params import validate
-from stages.study import run_training, training_params
-from stages.tracking import log_epoch, log_evaluation, training_run
-from stages.train import train  # noqa: F401 - preloaded for the forked trainings
-
-TRAINING_ARTIFACTS = ("learning_curves.png", "val_confusion.png", "history.csv", "train.json")
+from tilepipe.fsutil import write_json
+from tilepipe.params import validate
+from tilepipe.study.plan import run_training, training_params
+from tilepipe.tracking.runs import (
+    log_epoch,
+    log_evaluation,
+    log_run_metrics,
+    log_training_files,
+    training_run,
+)
 
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
@@ -38,14 +39,11 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
         "study.scenes": " ".join(training["scenes"]),
         "study.train_tiles": str(training["train_tiles"]),
     }
-    with training_run(tp, folder / "split.json", run_name=f"study-{training['name']}") as run:
-        mlflow.set_tags(tags)
+    with training_run(tp, folder / "split.json", run_name=f"study-{training['name']}", tags=tags) as run:
         row = run_training(params, training, Path(spec["tiles"]), Path(spec["split"]), on_epoch=log_epoch)
         if row["self"] is not None:
-            mlflow.log_metrics({f"self_{k}": float(v) for k, v in row["self_metrics"].items()})
-        for name in TRAINING_ARTIFACTS:
-            if (folder / "model" / name).is_file():
-                mlflow.log_artifact(str(folder / "model" / name), artifact_path="training")
+            log_run_metrics({f"self_{k}": float(v) for k, v in row["self_metrics"].items()})
+        log_training_files(folder / "model")
     log_evaluation(run.info.run_id, row.pop("heldout_metrics"), folder / "heldout")
     row["run_id"] = run.info.run_id
     write_json(folder / "result.json", row)

@@ -1,6 +1,6 @@
 """Scene-level evaluation: map each whole test scene and score the map against its labels.
 
-Tile metrics (stages/evaluate.py) score tiles cut on the tile grid; this scores what a user
+Tile metrics (tilepipe/ml/evaluation.py) score tiles cut on the tile grid; this scores what a user
 gets from ``tilepipe predict``: the blended full-scene map, on the prediction grid, including
 scene edges, nodata collars and window seams. Scenes are processed in strips (never whole).
 """
@@ -16,14 +16,14 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from stages.blend import NODATA, cell_grid_shape
-from stages.errors import bad_file
-from stages.fsutil import atomic_dir, atomic_path, write_json
-from stages.labels import IGNORE, open_labels
-from stages.metrics import confusion, summarize
-from stages.params import Params
-from stages.predict import class_colours, open_scene, output_grid
-from stages.raster_io import gdal_env
+from tilepipe.errors import bad_file
+from tilepipe.fsutil import write_json
+from tilepipe.geo.labels import IGNORE, open_labels
+from tilepipe.geo.raster_io import gdal_env
+from tilepipe.mapping.blend import NODATA, cell_grid_shape
+from tilepipe.mapping.scene import class_colours, open_scene, output_grid
+from tilepipe.ml.metrics import confusion, summarize
+from tilepipe.params import Params
 
 PREVIEW_PX = 1024  # previews are decimated to at most this many px a side
 MAP_READ_PX = 512  # pixel rows of the scene scored per read
@@ -49,28 +49,6 @@ def _cell_majority(labels: np.ndarray, cell: int, n_classes: int) -> np.ndarray:
     majority = counts.argmax(axis=-1).astype(np.uint8)
     majority[counts.sum(axis=-1) == 0] = IGNORE
     return majority
-
-
-def predict_held_out(
-    params: Params, model_path: Path, scenes_json: Path, split_json: Path, out_dir: Path
-) -> list[dict[str, Any]]:
-    """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole."""
-    from stages.predict import predict_scene, resolve_model
-
-    model, meta = resolve_model(model_path)
-    records = held_out_scenes(scenes_json, split_json)
-    summaries = []
-    with atomic_dir(out_dir) as tmp:
-        for record in records:
-            bands = record.get("bands") or record.get("input_bands")
-            summary = predict_scene(params, model, meta, record["image"], tmp / f"{record['scene_id']}.tif",
-                                    bands=bands)  # fmt: skip
-            summaries.append(
-                {"scene_id": record["scene_id"], **summary, "output": f"{record['scene_id']}.tif"}
-            )
-        write_json(tmp / "predictions.json", {"model": str(model_path), "scenes": summaries})
-    print(f"predict: {len(records)} held-out test scene(s) mapped into {out_dir}")
-    return summaries
 
 
 def score_map(
@@ -115,12 +93,14 @@ def plot_preview(
     predicted: np.ndarray, actual: np.ndarray, classes: list[str], title: str, path: Path
 ) -> None:
     """Prediction and labels side by side in class colours (nodata / unlabelled in light grey)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: predict needs none of it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
+
+    from tilepipe.ml.plots import save_png
 
     colours = [tuple(c / 255 for c in rgb) for rgb in class_colours(classes)] + [(0.9, 0.9, 0.9)]
     cmap = ListedColormap(colours)
@@ -137,9 +117,7 @@ def plot_preview(
     handles.append(Patch(color=colours[-1], label="nodata / unlabelled"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
     fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def evaluate_scenes(
@@ -181,3 +159,31 @@ def _rounded(scores: dict[str, Any], cm: np.ndarray) -> dict[str, Any]:
     out["per_class_iou"] = {name: c["iou"] for name, c in scores["per_class"].items()}
     out["scored"] = int(cm.sum())
     return out
+
+
+def score_maps(
+    params: Params,
+    meta: dict[str, Any],
+    split_json: Path,
+    maps_dir: Path,
+    scenes_json: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """``map_*`` metrics of the held-out scenes' full-scene maps, with a preview PNG each in ``out_dir``."""
+    records = held_out_scenes(Path(scenes_json), split_json)
+    if not records:
+        print("evaluate: no test scene is held out whole (split.spatial_blocks), so no map is scored")
+        return {"map_scenes": 0}
+    result = evaluate_scenes(params, meta, records, maps_dir, out_dir)
+    overall = result["overall"]
+    print(
+        f"evaluate: full-scene maps of {len(records)} held-out scene(s), per {result['unit']}: "
+        f"accuracy {overall['accuracy']:.3f}, macro-F1 {overall['macro_f1']:.3f}, mIoU {overall['miou']:.3f}"
+    )
+    return {
+        "map_accuracy": overall["accuracy"],
+        "map_macro_f1": overall["macro_f1"],
+        "map_miou": overall["miou"],
+        "map_scenes": len(records),
+        "map_unit": result["unit"],
+    }

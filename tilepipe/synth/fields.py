@@ -1,4 +1,4 @@
-"""Smooth random fields, land-cover layout and spectral model behind ``stages.synthesize``.
+"""Smooth random fields, land-cover layout and spectral model behind ``tilepipe.synth.scenes``.
 
 Everything here is evaluated on demand at ground coordinates (metres from the scene origin,
 x to the east/right and y down) from a hash of integer lattice points, so any window of any

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.metrics import confusion
+from tilepipe.ml.metrics import confusion
 
 Precision = Literal["fp32", "bf16", "amp"]
 

@@ -1,14 +1,13 @@
 """Running the scene-scaling study: one child process per training, an MLflow parent run, the report.
 
-This is the edge around stages/study.py (like stages/tracking.py around training): the CLI and
-the Prefect flow (flows/study.py) share these functions. torch's thread count is per process, so
-each training runs in its own process (stages/study_worker.py, forked from a forkserver that has
-imported torch once) with ``study.threads`` threads, and at most ``study.parallel`` at once.
+The study stage (stages/study.py) and the Prefect flow (flows/study.py) share these functions.
+torch's thread count is per process, so each training runs in its own process
+(tilepipe/study/worker.py, forked from a forkserver that has imported torch once) with
+``study.threads`` threads, and at most ``study.parallel`` at once.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import multiprocessing
@@ -24,22 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stages.errors import TilepipeError
-from stages.fsutil import write_json
-from stages.params import Params
-from stages.study import plan_study
-from stages.study_report import terminal_table, write_outputs
-from stages.tracking import tracking_uri, training_run
-
-PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent ends
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from tilepipe.errors import TilepipeError
+from tilepipe.fsutil import write_json
+from tilepipe.params import Params
+from tilepipe.processes import cores, die_with_parent
+from tilepipe.study.plan import plan_study
+from tilepipe.study.report import terminal_table, write_outputs
+from tilepipe.tracking.runs import log_study, training_run
+from tilepipe.tracking.store import tracking_uri
 
 
 def parallelism(params: Params) -> int:
@@ -68,43 +59,28 @@ def prepare(params: Params, tiles_dir: Path, split_json: Path, out: Path) -> dic
 @contextmanager
 def parent_run(params: Params, split_json: Path, plan: dict[str, Any]) -> Iterator[str]:
     """The study's MLflow run (params, lineage and study tags); yields its id for the children."""
-    import mlflow
-
-    with training_run(params, Path(split_json), run_name="study") as run:
-        mlflow.set_tags(
-            {
-                "study": "scene-scaling",
-                "study.sizes": ",".join(str(s) for s in plan["sizes"]),
-                "study.repeats": str(plan["repeats"]),
-                "study.train_tiles": str(plan["train_tiles"]),
-                "study.test_scenes": " ".join(plan["test_scenes"]),
-                "study.trainings": str(len(plan["trainings"])),
-            }
-        )
+    tags = {
+        "study": "scene-scaling",
+        "study.sizes": ",".join(str(s) for s in plan["sizes"]),
+        "study.repeats": str(plan["repeats"]),
+        "study.train_tiles": str(plan["train_tiles"]),
+        "study.test_scenes": " ".join(plan["test_scenes"]),
+        "study.trainings": str(len(plan["trainings"])),
+    }
+    with training_run(params, Path(split_json), run_name="study", tags=tags) as run:
         yield run.info.run_id
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
     """Processes forked from one server that has imported torch, MLflow and the stages already."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["stages.study_worker"])
+    context.set_forkserver_preload(["mlflow", "tilepipe.study.worker"])
     return context
-
-
-def _die_with_parent() -> None:
-    """Linux: end this training when the forkserver ends (it ends with the study's process)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent is already gone
-        os._exit(1)
 
 
 def child(spec_path: str, log_path: str) -> None:
     """Process target, forked from the forkserver: output goes to ``log_path``; a user mistake exits 1."""
-    _die_with_parent()
+    die_with_parent(sig=signal.SIGTERM)  # the forkserver ends with the study's process
     spec = json.loads(Path(spec_path).read_text())
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1)
@@ -114,7 +90,7 @@ def child(spec_path: str, log_path: str) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = spec["tracking_uri"]
     warnings.filterwarnings("ignore", module="rasterio")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-    from stages.study_worker import work  # preloaded in the forkserver: no import cost here
+    from tilepipe.study.worker import work  # preloaded in the forkserver: no import cost here
 
     try:
         work(spec)
@@ -185,21 +161,9 @@ def finish(
     params: Params, plan: dict[str, Any], rows: list[dict[str, Any]], out: Path, parent_run_id: str
 ) -> dict[str, Any]:
     """Write the table, CSV and plot; log them and the per-size scores to the parent run; print."""
-    from mlflow import MlflowClient
-
     out = Path(out)
     summary = write_outputs(out, plan, rows)
-    client = MlflowClient(tracking_uri())
-    metric = summary["metric"]
-    for size, stats in summary["by_size"].items():
-        for name in ("mean", "min", "max"):
-            key = f"heldout_{metric}" + ("" if name == "mean" else f"_{name}")
-            client.log_metric(parent_run_id, key, stats[name], step=int(size))
-    if "trap" in summary:
-        client.log_metric(parent_run_id, f"trap_self_{metric}", summary["trap"]["self"]["mean"])
-        client.log_metric(parent_run_id, f"trap_heldout_{metric}", summary["trap"]["heldout"]["mean"])
-    for name in ("study.csv", "study.json", "study.png"):
-        client.log_artifact(parent_run_id, str(out / name), artifact_path="study")
+    log_study(parent_run_id, summary, out)
     print(terminal_table(summary))
     print(f"study: wrote {out / 'study.csv'}, {out / 'study.png'}; MLflow parent run {parent_run_id}")
     return summary
@@ -219,21 +183,3 @@ def progress(total: int) -> Callable[[dict[str, Any]], None]:
         )
 
     return report
-
-
-def run_study(params: Params, tiles_dir: Path, split_json: Path, out: Path) -> dict[str, Any]:
-    """``tilepipe study``: plan, train every subset and trap concurrently, report."""
-    started = time.perf_counter()
-    with study_lock(out):
-        plan = prepare(params, tiles_dir, split_json, out)
-        total = len(plan["trainings"])
-        print(
-            f"study: {total} trainings (sizes {plan['sizes']}, {plan['repeats']} repeat(s), "
-            f"{plan['repeats']} trap(s)), {parallelism(params)} at a time, "
-            f"{params.study.threads} thread(s) each"
-        )
-        with parent_run(params, split_json, plan) as run_id:
-            rows = run_all(params, plan, tiles_dir, split_json, run_id, done=progress(total))
-            summary = finish(params, plan, rows, out, run_id)
-    print(f"study: {time.perf_counter() - started:.0f} s")
-    return {**summary, "run_id": run_id}

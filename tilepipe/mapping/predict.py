@@ -1,0 +1,132 @@
+"""Full-scene prediction: any scene size to a Cloud Optimized GeoTIFF in bounded memory.
+
+``predict_scene`` reads the scene in strips (tilepipe/mapping/blend.py does the sliding windows),
+writes finished rows by whole blocks into a tiled GeoTIFF beside the output
+(tilepipe/mapping/writer.py), then streams it into a COG and renames it into place.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rasterio.errors import RasterioError
+from torch import nn
+from tqdm import tqdm
+
+from tilepipe.errors import TilepipeError, bad_file
+from tilepipe.geo.raster_io import Grid, gdal_env
+from tilepipe.mapping.blend import Strip, cell_grid_shape, classify_strips, segment_plan, segment_strips
+from tilepipe.mapping.scene import SceneView, open_scene, output_grid
+from tilepipe.mapping.writer import MapWriter, write_cog
+from tilepipe.params import Params
+
+
+def window_total(params: Params, meta: dict[str, Any], grid: Grid) -> int:
+    """How many windows the model runs on (for the progress bar), after checking the window params."""
+    if meta.get("task") == "segmentation":
+        pp = params.predict
+        if pp.window % 8:
+            raise TilepipeError(f"predict.window {pp.window}: must be a multiple of 8 for the U-Net")
+        try:
+            _, _, rows, cols = segment_plan(grid.height, grid.width, pp.window, pp.margin)
+        except ValueError as exc:
+            raise TilepipeError(f"predict.window / predict.margin: {exc}") from None
+        return len(rows) * len(cols)
+    _, rows, cols = cell_grid_shape(grid.height, grid.width, int(meta["tile_size"]))
+    return max(rows - 1, 1) * max(cols - 1, 1)
+
+
+def predict_strips(
+    params: Params,
+    model: nn.Module,
+    meta: dict[str, Any],
+    scene: SceneView,
+    progress: Callable[[int], object],
+    with_probs: bool = True,
+) -> Iterator[Strip]:
+    """Finished rows of the scene's map, top to bottom, on :func:`output_grid`."""
+    window_total(params, meta, scene.grid)  # checks the window params before any work
+    model.eval()
+    grid, n_classes, pp = scene.grid, len(meta["classes"]), params.predict
+    shape = (scene.read, grid.height, grid.width, n_classes)
+    if meta.get("task") == "segmentation":
+        return segment_strips(
+            model, *shape, pp.window, pp.margin, pp.batch_size, progress, with_probs=with_probs
+        )
+    tile_size = int(meta["tile_size"])
+    return classify_strips(model, *shape, tile_size, pp.batch_size, progress, with_probs=with_probs)
+
+
+def predict_scene(
+    params: Params,
+    model: nn.Module,
+    meta: dict[str, Any],
+    scene: Path | str,
+    output: Path | str,
+    probabilities: bool = False,
+    bands: str | dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each."""
+    scene, output = Path(scene), Path(output)
+    if output.resolve() == scene.resolve():
+        raise bad_file(output, "output would overwrite the input scene")
+    started = time.perf_counter()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, strips_path = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".strips.tif", dir=output.parent)
+    os.close(fd)
+    strips_file = Path(strips_path)
+    try:
+        with gdal_env(params.tile.gdal_cache_mb), open_scene(scene, meta, bands) as opened:
+            out_grid = output_grid(meta, opened.grid)
+            total = window_total(params, meta, opened.grid)
+            bar = tqdm(
+                total=total, desc=f"predict {scene.name}", unit="window", disable=not sys.stderr.isatty()
+            )
+            writer = MapWriter(strips_file, out_grid, meta, probabilities)
+            try:
+                for strip in predict_strips(params, model, meta, opened, bar.update, probabilities):
+                    writer.add(strip)
+            finally:
+                writer.close()
+                bar.close()
+            write_cog(strips_file, output)
+    except RasterioError as exc:
+        raise TilepipeError(f"{scene}: read or write failed ({str(exc).splitlines()[0]})") from None
+    finally:
+        strips_file.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    summary = _summary(meta, scene, output, opened.grid, out_grid, total, seconds, writer.counts)
+    print(summary["line"], flush=True)
+    return summary
+
+
+def _summary(
+    meta, scene: Path, output: Path, grid: Grid, out_grid: Grid, windows: int, seconds: float, counts
+):
+    classes = list(meta["classes"])
+    mapped = int(counts[: len(classes)].sum())
+    shares = sorted(((counts[i] / max(mapped, 1), name) for i, name in enumerate(classes)), reverse=True)
+    nodata = 1 - mapped / max(out_grid.width * out_grid.height, 1)
+    line = (
+        f"predict: {scene.name} {grid.width}x{grid.height} px -> {output} "
+        f"({out_grid.width}x{out_grid.height} {meta.get('task', 'classification')} map), {windows} windows "
+        f"in {seconds:.1f} s ({grid.width * grid.height / max(seconds, 1e-9) / 1e6:.2f} Mpx/s); "
+        + ", ".join(f"{name} {share:.0%}" for share, name in shares[:3])
+        + f", nodata {nodata:.0%}"
+    )
+    return {
+        "output": str(output),
+        "width": out_grid.width,
+        "height": out_grid.height,
+        "windows": windows,
+        "seconds": round(seconds, 3),
+        "class_pixels": {name: int(counts[i]) for i, name in enumerate(classes)},
+        "nodata_pixels": int(out_grid.width * out_grid.height - mapped),
+        "line": line,
+    }

@@ -1,0 +1,91 @@
+"""Saved models and training checkpoints: what is written, and how it is read back safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tilepipe.errors import TilepipeError
+from tilepipe.fsutil import atomic_path
+from tilepipe.ml.models import Normalized, build_model
+from tilepipe.params import Params
+
+CHECKPOINT_KEYS = ("key", "model", "optimizer", "scheduler", "torch_rng", "state")
+
+
+def model_meta(params: Params, stats: dict, tile_size: int, epoch: int, metrics: dict) -> dict:
+    """Everything evaluate and predict need to use a saved model the way it was trained."""
+    return {
+        "task": params.train.task,
+        "model": params.train.model,
+        "width": params.train.width,
+        "bands": params.bands.input,
+        "scale": {k: list(v) for k, v in params.bands.scale.items()},
+        "classes": params.data.class_names,
+        "tile_size": tile_size,
+        "gsd": params.tile.gsd,
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "epoch": epoch,
+        "val": {k: v for k, v in metrics.items() if k.startswith("val_")},
+    }
+
+
+def save_model(path: Path, model: Normalized, meta: dict) -> None:
+    """Write a model (state dict + JSON-able meta) atomically."""
+    # Through a file handle: torch names the archive's inner folder after a path, which would
+    # make the bytes depend on the random temp name.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, fh)
+
+
+def model_from_meta(meta: dict[str, Any]) -> Normalized:
+    """A fresh model (random weights) of the architecture, bands and classes ``meta`` describes."""
+    net = build_model(meta["model"], len(meta["bands"]), len(meta["classes"]), meta["width"])
+    return Normalized(net, meta["mean"], meta["std"])
+
+
+def load_model(path: Path) -> tuple[Normalized, dict]:
+    """Load a saved model safely (``weights_only=True``) in eval mode."""
+    if not Path(path).is_file():
+        raise TilepipeError(f"{path}: model not found (run `tilepipe train`)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = blob["meta"]
+    model = model_from_meta(meta)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint (``weights_only=True``); an unreadable one is an error, never used."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError...
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TilepipeError(
+            f"{path}: checkpoint is truncated or corrupt ({problem}); delete it, "
+            "or set train.resume=false to start over"
+        ) from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise TilepipeError(f"{path}: not a tilepipe checkpoint; delete it, or set train.resume=false")
+    return ckpt
+
+
+def save_checkpoint(
+    path: Path, key: str, model: nn.Module, optimizer: Any, scheduler: Any, state: dict
+) -> None:
+    """Write everything an exact resume needs: weights, optimiser, schedule, RNG and loop state."""
+    blob = {
+        "key": key,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "state": json.dumps(state),
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(blob, fh)

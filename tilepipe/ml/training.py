@@ -1,0 +1,288 @@
+"""Training: many epochs over every training tile of every training scene, resumable.
+
+The pieces (data, the model and its optimiser, one epoch, the checkpoint) are separate so the
+benchmarks build exactly what ``train`` builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tilepipe.errors import TilepipeError
+from tilepipe.fsutil import atomic_path, file_sha256, remove_leftovers, write_json, write_text
+from tilepipe.ml.checkpoint import load_checkpoint, model_meta, save_checkpoint, save_model
+from tilepipe.ml.dataset import (
+    TileBatches,
+    TileRef,
+    band_statistics,
+    make_loader,
+    open_stores,
+    select_tiles,
+    split_members,
+)
+from tilepipe.ml.loops import keep_freed_memory, pick_device, prepare, score, train_epoch
+from tilepipe.ml.metrics import summarize
+from tilepipe.ml.models import Normalized, build_model
+from tilepipe.ml.plots import plot_confusion, plot_curves
+from tilepipe.params import Params
+from tilepipe.tiles.store import SceneTiles
+
+EpochHook = Callable[[int, dict[str, float]], None]
+MAXIMISE = {"val_macro_f1": True, "val_accuracy": True, "val_miou": True, "val_loss": False}
+
+
+@dataclass
+class TrainingData:
+    """The train and val tiles of a split, their stores, band statistics and class counts."""
+
+    stores: dict[str, SceneTiles]
+    refs: dict[str, TileRef]
+    tile_size: int
+    stats: dict[str, list]
+    counts: np.ndarray
+
+
+@dataclass
+class Trainer:
+    """What one training step and one validation pass need."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: nn.Module
+    val_loss_fn: nn.Module
+    device: torch.device
+    scaler: torch.amp.GradScaler | None
+    loader: Any
+    val_loader: Any
+
+
+def class_counts(stores, ref, task: str, n_classes: int) -> np.ndarray:
+    """Training examples per class: tiles (classification) or labelled pixels (segmentation)."""
+    if task == "classification":
+        return np.bincount(ref.target, minlength=n_classes)
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for number, scene_id in enumerate(ref.scene_ids):
+        hist = stores[scene_id].histograms()[ref.tile[ref.scene == number], :n_classes]
+        counts += hist.sum(axis=0)
+    return counts
+
+
+def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Loss weights against class imbalance: inverse or square-root inverse frequency."""
+    if mode == "none":
+        return None
+    freq = counts / max(counts.sum(), 1)
+    weights = np.where(counts > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
+    weights = np.sqrt(weights) if mode == "sqrt_inverse" else weights
+    weights = weights / weights[counts > 0].mean()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def run_key(params: Params, split_json: Path, tiles_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: train params, split and tile set."""
+    train = params.train.model_dump(mode="json", exclude={"resume", "workers", "threads"})
+    key = {
+        "train": train,
+        "seed": params.seed,
+        "split": file_sha256(split_json),
+        "tiles": file_sha256(Path(tiles_dir) / "summary.json"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def load_training_data(params: Params, tiles_dir: Path, split_json: Path) -> TrainingData:
+    """Open the stores of the train and val scenes and pick their usable tiles."""
+    tp = params.train
+    members = {name: split_members(split_json, name) for name in ("train", "val")}
+    stores = open_stores(tiles_dir, sorted({*members["train"], *members["val"]}))
+    refs = {name: select_tiles(stores, members[name], tp.task, tp.min_purity) for name in members}
+    for name, ref in refs.items():
+        if len(ref.tile) == 0:
+            raise TilepipeError(f"{split_json}: the {name} split has no usable tile (train.min_purity?)")
+    tile_size = int(next(iter(stores.values())).index["tile_size"])
+    stats = band_statistics(stores, refs["train"])
+    counts = class_counts(stores, refs["train"], tp.task, len(params.data.classes))
+    return TrainingData(stores, refs, tile_size, stats, counts)
+
+
+def build_optimisation(params: Params, stats: dict, n_classes: int) -> tuple[nn.Module, Any, Any]:
+    """The seeded model, its optimiser and its learning-rate schedule."""
+    tp = params.train
+    torch.manual_seed(params.seed)
+    net = build_model(tp.model, len(params.bands.input), n_classes, tp.width)
+    model = Normalized(net, stats["mean"], stats["std"])
+    if tp.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=tp.lr, momentum=0.9, weight_decay=tp.weight_decay)
+    if tp.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+    elif tp.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, tp.epochs // 3), gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return model, optimizer, scheduler
+
+
+def make_trainer(params: Params, data: TrainingData) -> Trainer:
+    """Model, optimiser, losses and loaders exactly as ``train`` runs them (after ``keep_freed_memory``)."""
+    tp = params.train
+    device = pick_device(tp.precision)
+    model, optimizer, scheduler = build_optimisation(params, data.stats, len(params.data.classes))
+    model = prepare(model, device, tp.precision)
+    weight = class_weights(data.counts, tp.class_weights)
+    loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device), ignore_index=-100)
+    train_data = TileBatches(data.stores, data.refs["train"], tp.task, augment=tp.augment)
+    val_data = TileBatches(data.stores, data.refs["val"], tp.task)
+    return Trainer(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        val_loss_fn=nn.CrossEntropyLoss(ignore_index=-100),
+        device=device,
+        scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
+        loader=make_loader(train_data, tp.batch_size, params.seed, True, tp.workers),
+        val_loader=make_loader(val_data, params.evaluate.batch_size, 0, False, 0),
+    )
+
+
+def start_or_resume(params: Params, trainer: Trainer, last: Path, key: str) -> dict[str, Any]:
+    """The loop state to start from: a matching checkpoint's (``train.resume``) or a fresh one."""
+    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    for folder in (last.parent.parent, last.parent):
+        remove_leftovers(folder)  # temp files of a run that was killed mid-write
+    if params.train.resume and last.is_file():
+        ckpt = load_checkpoint(last)
+        if ckpt["key"] != key:
+            raise TilepipeError(
+                f"{last}: checkpoint was made with other params, split or tiles; "
+                "set train.resume=false to start over"
+            )
+        trainer.model.load_state_dict(ckpt["model"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        trainer.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = json.loads(ckpt["state"])
+        print(f"train: resuming after epoch {state['epoch']} from {last}")
+    elif last.parent.exists():
+        shutil.rmtree(last.parent)
+    return state
+
+
+def run_epoch(params: Params, trainer: Trainer, epoch: int) -> tuple[dict[str, float], np.ndarray]:
+    """Train one epoch, score the val split; the epoch's metrics and val confusion matrix."""
+    tp, t = params.train, trainer
+    started = time.perf_counter()
+    t.loader.sampler.set_epoch(epoch)
+    lr = t.optimizer.param_groups[0]["lr"]
+    desc = f"epoch {epoch}/{tp.epochs}"
+    result = train_epoch(t.model, t.loader, t.loss_fn, t.optimizer, t.device, tp.precision, desc, t.scaler)
+    n_classes = len(params.data.classes)
+    cm, val_loss = score(t.model, t.val_loader, t.val_loss_fn, n_classes, t.device, tp.precision)
+    t.scheduler.step()
+    val = summarize(cm, params.data.class_names)
+    metrics = {
+        "train_loss": result["train_loss"],
+        "val_loss": val_loss,
+        "val_accuracy": val["accuracy"],
+        "val_macro_f1": val["macro_f1"],
+        "val_miou": val["miou"],
+        "lr": lr,
+        "epoch_seconds": time.perf_counter() - started,
+        "tiles_per_second": result["tiles_per_second"],
+        "tiles_seen": float(result["tiles_seen"]),
+    }
+    return metrics, cm
+
+
+def _keep_if_best(params: Params, state: dict, epoch: int, metrics: dict[str, float]) -> bool:
+    """Update the early-stopping state with this epoch's metric; True if it is the best so far."""
+    metric = params.train.early_stopping.metric
+    value, best = metrics[metric], state["best"]
+    improved = best is None or (value > best if MAXIMISE[metric] else value < best)
+    if improved:
+        state.update(best=value, best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    return improved
+
+
+def _print_epoch(params: Params, epoch: int, metrics: dict[str, float], improved: bool) -> None:
+    print(
+        f"epoch {epoch}/{params.train.epochs}: train_loss {metrics['train_loss']:.4f} "
+        f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.3f} "
+        f"val_macro_f1 {metrics['val_macro_f1']:.3f} "
+        f"{metrics['tiles_per_second']:.0f} tiles/s{' *' if improved else ''}",
+        flush=True,
+    )
+
+
+def train(
+    params: Params, tiles_dir: Path, split_json: Path, out_dir: Path, on_epoch: EpochHook | None = None
+) -> dict[str, Any]:
+    """Train for ``train.epochs`` epochs (or until early stopping); keep the best epoch's model."""
+    tp = params.train
+    data = load_training_data(params, tiles_dir, split_json)
+    keep_freed_memory()
+    trainer = make_trainer(params, data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last = out_dir / "checkpoints" / "last.pt"
+    key = run_key(params, split_json, tiles_dir)
+    state = start_or_resume(params, trainer, last, key)
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, tp.epochs + 1):
+        metrics, cm = run_epoch(params, trainer, epoch)
+        improved = _keep_if_best(params, state, epoch, metrics)
+        if improved:
+            meta = model_meta(params, data.stats, data.tile_size, epoch, metrics)
+            save_model(out_dir / "model.pt", trainer.model, meta)
+            with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, cm)
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, **metrics})
+        save_checkpoint(last, key, trainer.model, trainer.optimizer, trainer.scheduler, state)
+        _print_epoch(params, epoch, metrics, improved)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if state["bad_epochs"] >= tp.early_stopping.patience:
+            stopped_early = True
+            print(f"train: early stop, no {tp.early_stopping.metric} gain in {state['bad_epochs']} epochs")
+            break
+    return _finish(params, out_dir, state, data, stopped_early)
+
+
+def _finish(params: Params, out_dir: Path, state: dict, data: TrainingData, stopped_early: bool) -> dict:
+    history, refs = state["history"], data.refs
+    summary = {
+        "epochs_run": len(history),
+        "best_epoch": state["best_epoch"],
+        "best": {params.train.early_stopping.metric: state["best"]},
+        "stopped_early": stopped_early,
+        "train_tiles": len(refs["train"].tile),
+        "val_tiles": len(refs["val"].tile),
+        "train_scenes": len(refs["train"].scene_ids),
+        "val_scenes": len(refs["val"].scene_ids),
+        "tiles_seen_per_epoch": [int(h["tiles_seen"]) for h in history],
+        "train_class_counts": data.counts.tolist(),
+    }
+    write_json(out_dir / "train.json", summary)
+    columns = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_miou", "lr"]
+    lines = [",".join(columns)] + [",".join(f"{h[c]:.6g}" for c in columns) for h in history]
+    write_text(out_dir / "history.csv", "\n".join(lines) + "\n")
+    plot_curves(history, out_dir / "learning_curves.png")
+    cm = np.load(out_dir / "val_confusion.npy")
+    plot_confusion(cm, params.data.class_names, out_dir / "val_confusion.png", "Validation (best epoch)")
+    return summary

@@ -1,0 +1,149 @@
+"""MLflow runs: params and lineage tags, one metric point per epoch, artifacts and the logged model.
+
+The one place (with the rest of ``tilepipe.tracking``) that talks to MLflow; stages call it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tilepipe.fsutil import file_sha256, write_json
+from tilepipe.ml.checkpoint import load_model
+from tilepipe.params import Params, flatten
+from tilepipe.tracking.check import fail_fast
+from tilepipe.tracking.store import connected_mlflow, tracking_uri
+
+TRAINING_ARTIFACTS = ("learning_curves.png", "val_confusion.png", "history.csv", "train.json")
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def lineage_tags(split_json: Path) -> dict[str, str]:
+    """Git commit and dirty flag, DVC hashes of the tile and split outputs, scenes per split."""
+    tags = {
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": str(bool(_git("status", "--porcelain"))),
+    }
+    lock = Path("dvc.lock")
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in ("tile", "split"):
+            for out in stages.get(stage, {}).get("outs", []):
+                tags[f"dvc_{stage}_md5"] = str(out.get("md5", ""))
+    members = json.loads(Path(split_json).read_text())["members"]
+    for name, scenes in members.items():
+        tags[f"scenes_{name}"] = str(len(scenes))
+    tags["split_sha256"] = file_sha256(split_json)
+    return tags
+
+
+@contextmanager
+def training_run(
+    params: Params, split_json: Path, run_name: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[Any]:
+    """Open an MLflow run in the params' experiment with params, lineage tags and ``tags`` logged."""
+    mlflow = connected_mlflow()
+    with fail_fast(tracking_uri()):  # bounded probe: a down server or a locked store fails here
+        mlflow.set_experiment(params.track.experiment)
+        active = mlflow.start_run(run_name=run_name)
+    with active as run:
+        mlflow.log_params(flatten(params))
+        mlflow.set_tags({**lineage_tags(split_json), **(tags or {})})
+        yield run
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    """Log one point per metric at ``step=epoch`` (the same names in every run)."""
+    connected_mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+
+
+def log_run_metrics(metrics: dict[str, float]) -> None:
+    """Log metrics without a step to the active run."""
+    connected_mlflow().log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def log_training_files(model_dir: Path) -> None:
+    """Log the training's curves, confusion matrix, history and summary (those that exist)."""
+    mlflow = connected_mlflow()
+    for name in TRAINING_ARTIFACTS:
+        if (model_dir / name).is_file():
+            mlflow.log_artifact(str(model_dir / name), artifact_path="training")
+
+
+def log_trained_model(model_dir: Path) -> dict[str, str]:
+    """Log the training artifacts and the best model (with signature and input example)."""
+    import mlflow.pytorch  # noqa: F401 - registers the flavour on the mlflow module
+    import torch
+    from mlflow.models import infer_signature
+
+    log_training_files(model_dir)
+    mlflow = connected_mlflow()
+    model, meta = load_model(model_dir / "model.pt")
+    example = np.random.default_rng(0).random((2, len(meta["bands"]), meta["tile_size"], meta["tile_size"]))
+    example = example.astype(np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.log_dict(meta, "model_meta.json")
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    )
+    run = mlflow.active_run()
+    record = {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "model_uri": info.model_uri,
+        "tracking_uri": tracking_uri(),
+    }
+    write_json(model_dir / "run.json", record)
+    return record
+
+
+def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
+    """Log test metrics and evaluation artifacts to the training's run."""
+    mlflow = connected_mlflow()
+    flat = {f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    for scene, acc in metrics.get("per_scene_accuracy", {}).items():
+        flat[f"test_scene_accuracy_{scene}"] = float(acc)
+    for name, scores in metrics.get("per_class", {}).items():
+        flat[f"test_f1_{name}"] = float(scores["f1"])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(flat)
+        for name in ("metrics.json", "test_confusion.png", "report.txt"):
+            if (out_dir / name).is_file():
+                mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
+        scenes = out_dir / "scenes"  # full-scene map scores and prediction-vs-label previews
+        for path in sorted(scenes.glob("*.png")) + sorted(scenes.glob("*.json")) if scenes.is_dir() else []:
+            mlflow.log_artifact(str(path), artifact_path="evaluation/scenes")
+
+
+def log_study(run_id: str, summary: dict[str, Any], out: Path) -> None:
+    """The study's per-size held-out scores (step = training scenes) and its files, on its parent run."""
+    client = connected_mlflow().MlflowClient(tracking_uri())
+    metric = summary["metric"]
+    for size, stats in summary["by_size"].items():
+        for name in ("mean", "min", "max"):
+            key = f"heldout_{metric}" + ("" if name == "mean" else f"_{name}")
+            client.log_metric(run_id, key, stats[name], step=int(size))
+    if "trap" in summary:
+        client.log_metric(run_id, f"trap_self_{metric}", summary["trap"]["self"]["mean"])
+        client.log_metric(run_id, f"trap_heldout_{metric}", summary["trap"]["heldout"]["mean"])
+    for name in ("study.csv", "study.json", "study.png"):
+        client.log_artifact(run_id, str(out / name), artifact_path="study")
