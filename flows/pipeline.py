@@ -19,6 +19,7 @@ from tilepipe.flows.fanout import run_each
 from tilepipe.flows.repo_lock import pipeline_lock
 from tilepipe.flows.report import publish_metrics
 from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
 from tilepipe.stages.evaluate import evaluate, register
 from tilepipe.stages.ingest import ingest
@@ -61,16 +62,16 @@ def ingest_task(params: Params, catalog: Path) -> Path:
 
 
 @step(name="plan-tiles")
-def plan_task(params: Params, scenes_json: Path) -> list[dict[str, Any]]:
+def plan_task(params: Params, scenes_json: Path) -> list[SceneRecord]:
     """Drop tiles of scenes gone from the catalog; return the scenes whose tiles are missing or stale."""
     return plan_tiling(params, scenes_json, TILES)
 
 
 @step(name="tile", retries=3, retry_delay_seconds=BACKOFF, retry_condition_fn=is_transient)
-def tile_task(scene: dict[str, Any], params: Params) -> Path:
+def tile_task(scene: SceneRecord, params: Params) -> Path:
     """Tile one scene into data/tiles/<scene_id>."""
     tile_one(scene, params, TILES)
-    return TILES / scene["scene_id"]
+    return TILES / scene.scene_id
 
 
 @step(name="summarize-tiles")
@@ -135,11 +136,11 @@ def needs_synthesis(params: Params) -> bool:
     return builtin and not dvc_cli.synthesis_is_current(params)
 
 
-def tile_all(params: Params, todo: list[dict[str, Any]]) -> list[Path]:
+def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
     """One tile task per scene, at most ``tile.workers`` at a time; raises if any scene failed."""
     if not todo:
         return []
-    calls = [(f"tile-{scene['scene_id']}", {"scene": scene, "params": params}) for scene in todo]
+    calls = [(f"tile-{scene.scene_id}", {"scene": scene, "params": params}) for scene in todo]
     return run_each(tile_task, calls, params.tile.workers)
 
 
@@ -159,7 +160,7 @@ def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
         ran.insert(0, "synthesize")
     scenes = ingest_task(params, params.data.catalog)
     todo = plan_task(params, scenes)
-    log.info("tile: %d scene(s) to tile: %s", len(todo), " ".join(s["scene_id"] for s in todo) or "none")
+    log.info("tile: %d scene(s) to tile: %s", len(todo), " ".join(s.scene_id for s in todo) or "none")
     tiles = summary_task(scenes, tile_all(params, todo))
     split_json = split_task(params, scenes, tiles)
     model_dir = train_task(params, tiles, split_json)
@@ -171,7 +172,7 @@ def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
         (log.warning if dvc_cli.is_repo() else log.info)("dvc.lock not updated: %s", reason)
     else:
         dvc_commit_task(ran)
-    return {**summary, "tiled": [s["scene_id"] for s in todo]}
+    return {**summary, "tiled": [s.scene_id for s in todo]}
 
 
 def run_pipeline(params_path: Path | str = "params.yaml", overrides: list[str] | None = None) -> dict:

@@ -8,6 +8,7 @@ from typing import Any
 
 from tilepipe.errors import TilepipeError
 from tilepipe.mapping.scoring import score_maps
+from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.ml.evaluation import evaluate as evaluate_tiles
 from tilepipe.params import Params
 from tilepipe.tracking.registry import register as register_version
@@ -31,7 +32,7 @@ def evaluate(
                 "evaluate: scoring maps needs the ingest record (--scenes data/ingest/scenes.json)"
             )
 
-        def more(meta: dict[str, Any]) -> dict[str, Any]:
+        def more(meta: ModelMeta) -> dict[str, Any]:
             return score_maps(params, meta, split_json, Path(maps_dir), Path(scenes_json), out_dir / "scenes")
 
     metrics = evaluate_tiles(params, model_dir, tiles_dir, split_json, out_dir, more)

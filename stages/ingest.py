@@ -33,11 +33,12 @@ def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
                 continue
             s = scenes[-1]
             print(
-                f"ingest {s['scene_id']}: {s['width']}x{s['height']} {s['dtype']} {s['crs']} "
-                f"{s['gsd_m']:g} m, nodata {s['nodata_fraction']:.0%}, labels {s['labels_kind']}"
+                f"ingest {s.scene_id}: {s.width}x{s.height} {s.dtype} {s.crs} "
+                f"{s.gsd_m:g} m, nodata {s.nodata_fraction:.0%}, labels {s.labels_kind}"
             )
     if not scenes:
         raise TilepipeError(f"{catalog}: no valid scene left after ingest")
-    result = {"catalog": relative_to_cwd(catalog), "scenes": scenes, "skipped": skipped}
+    records = [s.to_dict() for s in scenes]
+    result = {"catalog": relative_to_cwd(catalog), "scenes": records, "skipped": skipped}
     write_json(out, result)
     return result

@@ -21,10 +21,9 @@ def predict_held_out(
     summaries = []
     with atomic_dir(out_dir) as tmp:
         for record in records:
-            bands = record.get("bands") or record.get("input_bands")
-            output = tmp / f"{record['scene_id']}.tif"
-            summary = predict_scene(params, model, meta, record["image"], output, bands=bands)
-            summaries.append({"scene_id": record["scene_id"], **summary, "output": output.name})
+            output = tmp / f"{record.scene_id}.tif"
+            summary = predict_scene(params, model, meta, record.image, output, bands=record.band_mapping)
+            summaries.append({"scene_id": record.scene_id, **summary, "output": output.name})
         write_json(tmp / "predictions.json", {"model": str(model_spec), "scenes": summaries})
     print(f"predict: {len(records)} held-out test scene(s) mapped into {out_dir}")
     return summaries

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import write_json
+from tilepipe.geo.scenes import read_scene_records
 from tilepipe.params import Params
 from tilepipe.tiles.splitting import SPLITS, assign_members, count_split, print_summary
 from tilepipe.tiles.store import read_index
@@ -15,8 +15,8 @@ from tilepipe.tiles.store import read_index
 
 def split(params: Params, scenes_json: Path, tiles_dir: Path, out: Path) -> dict[str, Any]:
     """Assign scenes (or opted-in spatial blocks) to splits and write ``out`` (JSON)."""
-    scenes = json.loads(Path(scenes_json).read_text())["scenes"]
-    indexes = {s["scene_id"]: read_index(Path(tiles_dir) / s["scene_id"]) for s in scenes}
+    scenes = read_scene_records(scenes_json)
+    indexes = {s.scene_id: read_index(Path(tiles_dir) / s.scene_id) for s in scenes}
     members = assign_members(scenes, indexes, params, scenes_json)
     counts = {name: count_split(members[name], indexes, params.data.class_names) for name in SPLITS}
     for name in SPLITS:

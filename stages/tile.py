@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -14,45 +13,41 @@ from typing import Any
 from rasterio.errors import RasterioError
 
 from tilepipe.errors import TilepipeError
+from tilepipe.geo.scenes import SceneRecord, read_scene_records
 from tilepipe.params import Params
 from tilepipe.processes import die_with_parent
 from tilepipe.tiles.cutting import plan, prune_stale, tile_scene, write_summary
 
 
-def read_scenes(scenes_json: Path) -> list[dict[str, Any]]:
-    """The ingest record's scenes."""
-    return json.loads(Path(scenes_json).read_text())["scenes"]
-
-
-def plan_tiling(params: Params, scenes_json: Path, out_dir: Path) -> list[dict[str, Any]]:
+def plan_tiling(params: Params, scenes_json: Path, out_dir: Path) -> list[SceneRecord]:
     """Drop tiles of scenes gone from the catalog; the scenes whose tiles are missing or stale."""
-    scenes = read_scenes(scenes_json)
+    scenes = read_scene_records(scenes_json)
     out_dir.mkdir(parents=True, exist_ok=True)
     prune_stale(scenes, out_dir)
     return plan(scenes, params, out_dir)
 
 
-def tile_one(scene: dict[str, Any], params: Params, out_dir: Path) -> dict[str, Any]:
+def tile_one(scene: SceneRecord, params: Params, out_dir: Path) -> dict[str, Any]:
     """Tile one scene into ``out_dir/<scene_id>`` (the flow maps this over the scenes)."""
-    return tile_scene(scene, params, out_dir / scene["scene_id"])
+    return tile_scene(scene, params, out_dir / scene.scene_id)
 
 
-def _tile_or_fail(scene: dict[str, Any], params: Params, out_dir: Path) -> dict[str, Any]:
+def _tile_or_fail(scene: SceneRecord, params: Params, out_dir: Path) -> dict[str, Any]:
     """:func:`tile_one`, a read failure turned into one line naming the image."""
     try:
         return tile_one(scene, params, out_dir)
     except RasterioError as exc:
-        raise TilepipeError(f"{scene['image']}: read failed ({str(exc).splitlines()[0]})") from None
+        raise TilepipeError(f"{scene.image}: read failed ({str(exc).splitlines()[0]})") from None
 
 
 def summarize_tiles(scenes_json: Path, out_dir: Path, known: dict[str, int] | None = None) -> dict[str, int]:
     """Write ``summary.json`` once every scene is tiled; the tile count per scene."""
-    return write_summary(read_scenes(scenes_json), out_dir, known)
+    return write_summary(read_scene_records(scenes_json), out_dir, known)
 
 
 def tile(params: Params, scenes_json: Path, out_dir: Path) -> dict[str, Any]:
     """Tile every ingested scene that needs it, ``tile.workers`` processes at once; write ``summary.json``."""
-    total = len(read_scenes(scenes_json))
+    total = len(read_scene_records(scenes_json))
     todo = plan_tiling(params, scenes_json, out_dir)
     print(f"tile: {len(todo)} of {total} scene(s) to tile, {total - len(todo)} up to date")
     started = time.perf_counter()

@@ -266,8 +266,8 @@ def test_a_transient_tile_error_is_retried(tmp_path, transient):
     calls: Counter[str] = Counter()
 
     def flaky(scene, params, out_dir):
-        calls[scene["scene_id"]] += 1
-        if scene["scene_id"] == "s1" and calls["s1"] == 1:
+        calls[scene.scene_id] += 1
+        if scene.scene_id == "s1" and calls["s1"] == 1:
             raise transient
         return tile_one(scene, params, out_dir)
 
@@ -286,8 +286,8 @@ def test_bad_input_in_a_tile_task_is_not_retried(tmp_path):
     calls: Counter[str] = Counter()
 
     def broken(scene, params, out_dir):
-        calls[scene["scene_id"]] += 1
-        if scene["scene_id"] == "s1":
+        calls[scene.scene_id] += 1
+        if scene.scene_id == "s1":
             raise TilepipeError("s1.tif: injected bad input")
         return tile_one(scene, params, out_dir)
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     write_scene,
 )
 from tilepipe.errors import TilepipeError
+from tilepipe.geo.scenes import read_scene_records
 from tilepipe.ml.checkpoint import load_model
 from tilepipe.ml.training import train
 from tilepipe.stages.ingest import ingest
@@ -148,9 +149,9 @@ def test_killed_tiling_leaves_no_accepted_partial_shard_and_a_rerun_is_byte_iden
         index = read_index(scene_dir)
         assert verify_shards(scene_dir, index) is None
         assert len(SceneTiles(scene_dir)) == index["tile_count"]
-    all_scenes = json.loads(scenes_json.read_text())["scenes"]
-    todo = {s["scene_id"] for s in plan(all_scenes, params, out)}
-    assert todo == {s["scene_id"] for s in all_scenes} - set(complete)
+    all_scenes = read_scene_records(scenes_json)
+    todo = {s.scene_id for s in plan(all_scenes, params, out)}
+    assert todo == {s.scene_id for s in all_scenes} - set(complete)
 
     # (b) A rerun through the CLI finishes the job: the same bytes as the uninterrupted run, no leftovers.
     rerun = _run(cmd, tmp_path)
@@ -225,7 +226,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path, split_ti
     )
     a, meta_a = load_model(models / "model.pt")
     b, meta_b = load_model(tmp_path / "reference" / "model.pt")
-    assert meta_a["epoch"] == meta_b["epoch"]
+    assert meta_a.epoch == meta_b.epoch
     _assert_same_weights(a.state_dict(), b.state_dict())
     np.testing.assert_array_equal(
         np.load(models / "val_confusion.npy"), np.load(tmp_path / "reference/val_confusion.npy")

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,9 +31,10 @@ from tilepipe.mapping.blend import (
     classify_strips,
     segment_strips,
 )
-from tilepipe.mapping.predict import open_scene, predict_scene, predict_strips
+from tilepipe.mapping.predict import predict_scene, predict_strips
+from tilepipe.mapping.scene import open_scene
 from tilepipe.mapping.scoring import evaluate_scenes, held_out_scenes
-from tilepipe.ml.checkpoint import load_model, save_model
+from tilepipe.ml.checkpoint import ModelMeta, load_model, save_model
 from tilepipe.ml.models import Normalized, SmallCNN, UNet
 from tilepipe.ml.training import train
 from tilepipe.params import load_params
@@ -56,21 +58,12 @@ def one_torch_thread():
 
 
 def seg_meta(**extra):
-    return {
-        "task": "segmentation",
-        "model": "unet",
-        "width": 4,
-        "bands": RGB,
-        "scale": SCALE,
-        "classes": CLASSES,
-        "tile_size": 16,
-        "gsd": None,
-        **extra,
-    }
+    fields = {"task": "segmentation", "model": "unet", "width": 4, "bands": RGB, "scale": SCALE}
+    return ModelMeta(**{**fields, "classes": CLASSES, "tile_size": 16, "gsd": None, **extra})
 
 
 def cls_meta(**extra):
-    return {**seg_meta(), "task": "classification", "model": "small_cnn", **extra}
+    return replace(seg_meta(), task="classification", model="small_cnn", **extra)
 
 
 def calibrated_unet(image: np.ndarray, width: int = 4) -> Normalized:
@@ -309,7 +302,7 @@ def test_a_scene_whose_bands_do_not_fit_is_one_line_naming_the_file(tmp_path, ca
     predict_scene(params, model, cls_meta(), unnamed, tmp_path / "x.tif", bands="red=3;green=2;blue=1")
     assert (tmp_path / "x.tif").is_file()
 
-    meta = {**cls_meta(), "mean": [0.5] * 3, "std": [0.3] * 3, "width": 4, "epoch": 1, "val": {}}
+    meta = replace(cls_meta(), mean=[0.5] * 3, std=[0.3] * 3, width=4, epoch=1, val={})
     save_model(tmp_path / "model.pt", model, meta)
     args = ["predict", str(rg), str(tmp_path / "y.tif"), "--model", str(tmp_path / "model.pt")]
     assert cli.main([*args, "--params", str(ROOT / "params.yaml")]) == 1
@@ -429,12 +422,13 @@ MEMORY_SCRIPT = textwrap.dedent(
     import torch
     from tilepipe.params import load_params
     from tilepipe.mapping.predict import predict_scene
+    from tilepipe.ml.checkpoint import ModelMeta
     torch.manual_seed(0)
     torch.set_num_threads(1)
     scene, out, params_file = sys.argv[1:4]
     params = load_params(params_file, ["tile.gdal_cache_mb=16"])  # default window 256, batch 16
-    meta = {"task": "segmentation", "model": "unet", "bands": ["red", "green", "blue"],
-            "scale": {"uint8": [0, 255]}, "classes": list("abcde"), "tile_size": 64, "gsd": None}
+    meta = ModelMeta(task="segmentation", model="unet", width=4, bands=["red", "green", "blue"],
+                     scale={"uint8": [0, 255]}, classes=list("abcde"), tile_size=64)
     model = torch.nn.Conv2d(3, 5, 1).eval()  # the pipeline's memory is under test, not the net's
     with torch.no_grad():
         model(torch.zeros(16, 3, 256, 256))  # allocator and thread pools warmed up

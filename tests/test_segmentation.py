@@ -38,7 +38,7 @@ def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypat
     assert summary["epochs_run"] == 3 and "val_miou" in summary["best"]
     assert sum(summary["train_class_counts"]) > summary["train_tiles"], "counts are pixels, not tiles"
     model, meta = load_model(tmp_path / "models" / "model.pt")
-    assert meta["task"] == "segmentation" and meta["model"] == "unet"
+    assert meta.task == "segmentation" and meta.model == "unet"
 
     maps = tmp_path / "predictions"
     predict_held_out(
@@ -58,7 +58,7 @@ def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypat
     assert saved["miou"] > saved["baseline_miou"] and saved["accuracy"] > saved["baseline_accuracy"]
 
     records = held_out_scenes(tmp_path / "scenes.json", tmp_path / "split.json")
-    assert [r["scene_id"] for r in records] == ["s3", "s4"]
+    assert [r.scene_id for r in records] == ["s3", "s4"]
     result = json.loads((tmp_path / "metrics" / "scenes" / "scene_metrics.json").read_text())
     assert saved["map_miou"] == result["overall"]["miou"] and saved["map_scenes"] == 2
     assert result["unit"] == "pixel" and set(result["scenes"]) == {"s3", "s4"}
@@ -115,7 +115,7 @@ def test_segmentation_through_mlflow_champion_predict_and_pyfunc(prepared, monke
         with torch.no_grad():
             np.testing.assert_array_equal(out.read(1), local(x)[0].argmax(0).numpy())
     model, meta = resolve_model(f"models:/{params.track.model_name}@champion")
-    assert meta["task"] == "segmentation"
+    assert meta.task == "segmentation"
 
     # Serving: (n, bands, tile, tile) float32 in [0, 1] -> per-pixel class logits.
     run = json.loads((tmp_path / "models" / "run.json").read_text())

@@ -32,7 +32,7 @@ def test_whole_scenes_never_cross_splits(tmp_path, scenes):
 
 
 def test_split_is_seeded_and_ratio_driven():
-    scenes = [{"scene_id": f"s{i:02d}"} for i in range(20)]
+    scenes = [f"s{i:02d}" for i in range(20)]
     ratios = {"train": 0.6, "val": 0.2, "test": 0.2}
     first = assign_scenes(scenes, ratios, seed=1)
     assert first == assign_scenes(scenes, ratios, seed=1)

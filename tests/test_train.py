@@ -74,9 +74,9 @@ def test_model_carries_its_normalisation(prepared):
     tmp_path, params = prepared
     train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "models")
     model, meta = load_model(tmp_path / "models" / "model.pt")
-    assert meta["bands"] == ["red", "green", "blue"] and meta["tile_size"] == 16
-    np.testing.assert_allclose(model.mean.view(-1).numpy(), meta["mean"], rtol=1e-6)
-    assert all(s > 0 for s in meta["std"])
+    assert meta.bands == ["red", "green", "blue"] and meta.tile_size == 16
+    np.testing.assert_allclose(model.mean.view(-1).numpy(), meta.mean, rtol=1e-6)
+    assert all(s > 0 for s in meta.std)
     for name in ("learning_curves.png", "val_confusion.png", "history.csv"):
         assert (tmp_path / "models" / name).stat().st_size > 0
 

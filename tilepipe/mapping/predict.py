@@ -24,12 +24,13 @@ from tilepipe.geo.raster_io import Grid, gdal_env
 from tilepipe.mapping.blend import Strip, cell_grid_shape, classify_strips, segment_plan, segment_strips
 from tilepipe.mapping.scene import SceneView, open_scene, output_grid
 from tilepipe.mapping.writer import MapWriter, write_cog
+from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.params import Params
 
 
-def window_total(params: Params, meta: dict[str, Any], grid: Grid) -> int:
+def window_total(params: Params, meta: ModelMeta, grid: Grid) -> int:
     """How many windows the model runs on (for the progress bar), after checking the window params."""
-    if meta.get("task") == "segmentation":
+    if meta.segmentation:
         pp = params.predict
         if pp.window % 8:
             raise TilepipeError(f"predict.window {pp.window}: must be a multiple of 8 for the U-Net")
@@ -38,14 +39,14 @@ def window_total(params: Params, meta: dict[str, Any], grid: Grid) -> int:
         except ValueError as exc:
             raise TilepipeError(f"predict.window / predict.margin: {exc}") from None
         return len(rows) * len(cols)
-    _, rows, cols = cell_grid_shape(grid.height, grid.width, int(meta["tile_size"]))
+    _, rows, cols = cell_grid_shape(grid.height, grid.width, meta.tile_size)
     return max(rows - 1, 1) * max(cols - 1, 1)
 
 
 def predict_strips(
     params: Params,
     model: nn.Module,
-    meta: dict[str, Any],
+    meta: ModelMeta,
     scene: SceneView,
     progress: Callable[[int], object],
     with_probs: bool = True,
@@ -53,20 +54,19 @@ def predict_strips(
     """Finished rows of the scene's map, top to bottom, on :func:`output_grid`."""
     window_total(params, meta, scene.grid)  # checks the window params before any work
     model.eval()
-    grid, n_classes, pp = scene.grid, len(meta["classes"]), params.predict
+    grid, n_classes, pp = scene.grid, len(meta.classes), params.predict
     shape = (scene.read, grid.height, grid.width, n_classes)
-    if meta.get("task") == "segmentation":
+    if meta.segmentation:
         return segment_strips(
             model, *shape, pp.window, pp.margin, pp.batch_size, progress, with_probs=with_probs
         )
-    tile_size = int(meta["tile_size"])
-    return classify_strips(model, *shape, tile_size, pp.batch_size, progress, with_probs=with_probs)
+    return classify_strips(model, *shape, meta.tile_size, pp.batch_size, progress, with_probs=with_probs)
 
 
 def predict_scene(
     params: Params,
     model: nn.Module,
-    meta: dict[str, Any],
+    meta: ModelMeta,
     scene: Path | str,
     output: Path | str,
     probabilities: bool = False,
@@ -109,13 +109,13 @@ def predict_scene(
 def _summary(
     meta, scene: Path, output: Path, grid: Grid, out_grid: Grid, windows: int, seconds: float, counts
 ):
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     mapped = int(counts[: len(classes)].sum())
     shares = sorted(((counts[i] / max(mapped, 1), name) for i, name in enumerate(classes)), reverse=True)
     nodata = 1 - mapped / max(out_grid.width * out_grid.height, 1)
     line = (
         f"predict: {scene.name} {grid.width}x{grid.height} px -> {output} "
-        f"({out_grid.width}x{out_grid.height} {meta.get('task', 'classification')} map), {windows} windows "
+        f"({out_grid.width}x{out_grid.height} {meta.task} map), {windows} windows "
         f"in {seconds:.1f} s ({grid.width * grid.height / max(seconds, 1e-9) / 1e6:.2f} Mpx/s); "
         + ", ".join(f"{name} {share:.0%}" for share, name in shares[:3])
         + f", nodata {nodata:.0%}"

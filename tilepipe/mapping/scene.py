@@ -25,6 +25,7 @@ from tilepipe.geo.raster_io import (
     target_grid,
 )
 from tilepipe.mapping.blend import cell_grid_shape
+from tilepipe.ml.checkpoint import ModelMeta
 
 COLOURS = {
     "water": (31, 120, 180),
@@ -62,33 +63,33 @@ class SceneView:
 
 
 @contextmanager
-def open_scene(path: Path | str, meta: dict[str, Any], bands: str | dict[str, int] | None = None):
+def open_scene(path: Path | str, meta: ModelMeta, bands: str | dict[str, int] | None = None):
     """Open a scene whose bands fit the model, on the model's grid; a misfit is a one-line error."""
     path = Path(path)
     with open_raster(path) as src:
         check_georeferenced(src)
         dtype = src.dtypes[0]
-        if dtype not in meta["scale"]:
+        if dtype not in meta.scale:
             raise bad_file(
-                path, f"dtype {dtype} is not one the model knows how to scale ({', '.join(meta['scale'])})"
+                path, f"dtype {dtype} is not one the model knows how to scale ({', '.join(meta.scale)})"
             )
         mapping = dict(bands) if isinstance(bands, dict) else parse_band_mapping(bands, path)
-        indexes = resolve_bands(src, mapping, list(meta["bands"]))
+        indexes = resolve_bands(src, mapping, list(meta.bands))
         if len(set(indexes)) != len(indexes):
-            raise bad_file(path, f"band mapping uses one band for several model inputs ({meta['bands']})")
-        grid = target_grid(src, meta.get("gsd"))
-        coarser = meta.get("gsd") is not None and meta["gsd"] > ground_resolution(src)
+            raise bad_file(path, f"band mapping uses one band for several model inputs ({meta.bands})")
+        grid = target_grid(src, meta.gsd)
+        coarser = meta.gsd is not None and meta.gsd > ground_resolution(src)
         view = aligned(src, grid, Resampling.average if coarser else Resampling.bilinear)
         try:
-            yield SceneView(path, view, grid, indexes, dtype, meta["scale"])
+            yield SceneView(path, view, grid, indexes, dtype, meta.scale)
         finally:
             if view is not src:
                 view.close()
 
 
-def output_grid(meta: dict[str, Any], grid: Grid) -> Grid:
+def output_grid(meta: ModelMeta, grid: Grid) -> Grid:
     """The map's grid: the pixel grid (segmentation) or cells of tile_size // 2 px (classification)."""
-    if meta.get("task") == "segmentation":
+    if meta.segmentation:
         return grid
-    cell, rows, cols = cell_grid_shape(grid.height, grid.width, int(meta["tile_size"]))
+    cell, rows, cols = cell_grid_shape(grid.height, grid.width, meta.tile_size)
     return Grid(grid.crs, grid.transform * Affine.scale(cell), cols, rows)

@@ -20,8 +20,10 @@ from tilepipe.errors import bad_file
 from tilepipe.fsutil import write_json
 from tilepipe.geo.labels import IGNORE, open_labels
 from tilepipe.geo.raster_io import gdal_env
+from tilepipe.geo.scenes import SceneRecord, read_scene_records
 from tilepipe.mapping.blend import NODATA, cell_grid_shape
 from tilepipe.mapping.scene import class_colours, open_scene, output_grid
+from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.ml.metrics import confusion, summarize
 from tilepipe.params import Params
 
@@ -29,7 +31,7 @@ PREVIEW_PX = 1024  # previews are decimated to at most this many px a side
 MAP_READ_PX = 512  # pixel rows of the scene scored per read
 
 
-def held_out_scenes(scenes_json: Path, split_json: Path) -> list[dict[str, Any]]:
+def held_out_scenes(scenes_json: Path, split_json: Path) -> list[SceneRecord]:
     """Ingest records of the test scenes that are held out whole.
 
     With ``split.spatial_blocks`` a scene's test part is only some blocks of it; mapping the
@@ -37,8 +39,8 @@ def held_out_scenes(scenes_json: Path, split_json: Path) -> list[dict[str, Any]]
     still cover them).
     """
     members = json.loads(Path(split_json).read_text())["members"]["test"]
-    records = json.loads(Path(scenes_json).read_text())["scenes"]
-    return [r for r in records if r["scene_id"] in members and members[r["scene_id"]] is None]
+    records = read_scene_records(scenes_json)
+    return [r for r in records if r.scene_id in members and members[r.scene_id] is None]
 
 
 def _cell_majority(labels: np.ndarray, cell: int, n_classes: int) -> np.ndarray:
@@ -52,26 +54,25 @@ def _cell_majority(labels: np.ndarray, cell: int, n_classes: int) -> np.ndarray:
 
 
 def score_map(
-    params: Params, meta: dict[str, Any], record: dict[str, Any], map_path: Path
+    params: Params, meta: ModelMeta, record: SceneRecord, map_path: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Confusion matrix of a predicted map vs the scene's labels, plus decimated (map, label) previews.
 
     The map is read in block rows, the labels window by window: memory does not grow with the scene.
     """
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     n_classes = len(classes)
-    bands = record.get("bands") or record.get("input_bands")
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    with gdal_env(params.tile.gdal_cache_mb), open_scene(record["image"], meta, bands) as scene:
+    with gdal_env(params.tile.gdal_cache_mb), open_scene(record.image, meta, record.band_mapping) as scene:
         grid = output_grid(meta, scene.grid)
         step = max(1, math.ceil(max(grid.width, grid.height) / PREVIEW_PX))
-        cell = 1 if meta.get("task") == "segmentation" else cell_grid_shape(1, 1, int(meta["tile_size"]))[0]
-        labels = open_labels(Path(record["labels"]), scene.grid, params.data)
+        cell = 1 if meta.segmentation else cell_grid_shape(1, 1, meta.tile_size)[0]
+        labels = open_labels(Path(record.labels), scene.grid, params.data)
         previews: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         try:
             with rasterio.open(map_path) as src:
                 if (src.width, src.height) != (grid.width, grid.height) or src.crs != grid.crs:
-                    raise bad_file(map_path, f"is not on the grid of {record['image']} for this model")
+                    raise bad_file(map_path, f"is not on the grid of {record.image} for this model")
                 rows_per_read = max(1, MAP_READ_PX // cell)
                 for row in range(0, grid.height, rows_per_read):
                     rows = min(rows_per_read, grid.height - row)
@@ -121,31 +122,31 @@ def plot_preview(
 
 
 def evaluate_scenes(
-    params: Params, meta: dict[str, Any], records: list[dict[str, Any]], maps_dir: Path, out_dir: Path
+    params: Params, meta: ModelMeta, records: list[SceneRecord], maps_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
     """Score each test scene's map in ``maps_dir``; write ``scene_metrics.json`` and a preview PNG each."""
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = np.zeros((len(classes), len(classes)), dtype=np.int64)
     scenes: dict[str, Any] = {}
     for record in records:
-        map_path = Path(maps_dir) / f"{record['scene_id']}.tif"
+        map_path = Path(maps_dir) / f"{record.scene_id}.tif"
         if not map_path.is_file():
             raise bad_file(map_path, "no predicted map for this test scene (run `tilepipe predict` first)")
         cm, predicted, actual = score_map(params, meta, record, map_path)
         total += cm
         scores = summarize(cm, classes)
-        scenes[record["scene_id"]] = _rounded(scores, cm)
+        scenes[record.scene_id] = _rounded(scores, cm)
         title = (
-            f"{record['scene_id']}: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}, "
+            f"{record.scene_id}: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}, "
             f"mIoU {scores['miou']:.3f}"
         )
-        plot_preview(predicted, actual, classes, title, out_dir / f"{record['scene_id']}.png")
+        plot_preview(predicted, actual, classes, title, out_dir / f"{record.scene_id}.png")
         print(f"scene map {title}", flush=True)
     result = {
-        "task": meta.get("task", "classification"),
-        "unit": "pixel" if meta.get("task") == "segmentation" else "cell",
+        "task": meta.task,
+        "unit": "pixel" if meta.segmentation else "cell",
         "overall": _rounded(summarize(total, classes), total),
         "scenes": scenes,
         "confusion": total.tolist(),
@@ -163,7 +164,7 @@ def _rounded(scores: dict[str, Any], cm: np.ndarray) -> dict[str, Any]:
 
 def score_maps(
     params: Params,
-    meta: dict[str, Any],
+    meta: ModelMeta,
     split_json: Path,
     maps_dir: Path,
     scenes_json: Path,

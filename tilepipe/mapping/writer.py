@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import rasterio
@@ -14,6 +13,7 @@ from tilepipe.fsutil import atomic_path
 from tilepipe.geo.raster_io import Grid
 from tilepipe.mapping.blend import NODATA, Strip
 from tilepipe.mapping.scene import class_colours
+from tilepipe.ml.checkpoint import ModelMeta
 
 BLOCK = 256  # rows and columns of the intermediate GeoTIFF's blocks; rows are written a block at a time
 PROB_MAX = 254  # probability bands: round(p * 255), capped at 254 because 255 is the nodata value
@@ -22,8 +22,8 @@ PROB_MAX = 254  # probability bands: round(p * 255), capped at 254 because 255 i
 class MapWriter:
     """Writes strips into a tiled GeoTIFF, only ever whole block rows, so no block is written twice."""
 
-    def __init__(self, path: Path, grid: Grid, meta: dict[str, Any], probabilities: bool) -> None:
-        classes = list(meta["classes"])
+    def __init__(self, path: Path, grid: Grid, meta: ModelMeta, probabilities: bool) -> None:
+        classes = list(meta.classes)
         self.probabilities = probabilities
         self.dst = rasterio.open(
             path, "w", driver="GTiff", width=grid.width, height=grid.height,
@@ -33,8 +33,8 @@ class MapWriter:
         )  # fmt: skip
         self.dst.update_tags(
             TILEPIPE_CLASSES=json.dumps(classes),
-            TILEPIPE_TASK=str(meta.get("task", "classification")),
-            TILEPIPE_MODEL=str(meta.get("model", "")),
+            TILEPIPE_TASK=meta.task,
+            TILEPIPE_MODEL=meta.model,
             TILEPIPE_NODATA=str(NODATA),
         )
         self.dst.set_band_description(1, "class")

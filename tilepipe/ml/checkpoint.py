@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +18,80 @@ from tilepipe.params import Params
 CHECKPOINT_KEYS = ("key", "model", "optimizer", "scheduler", "torch_rng", "state")
 
 
-def model_meta(params: Params, stats: dict, tile_size: int, epoch: int, metrics: dict) -> dict:
-    """Everything evaluate and predict need to use a saved model the way it was trained."""
-    return {
-        "task": params.train.task,
-        "model": params.train.model,
-        "width": params.train.width,
-        "bands": params.bands.input,
-        "scale": {k: list(v) for k, v in params.bands.scale.items()},
-        "classes": params.data.class_names,
-        "tile_size": tile_size,
-        "gsd": params.tile.gsd,
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "epoch": epoch,
-        "val": {k: v for k, v in metrics.items() if k.startswith("val_")},
-    }
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything evaluate and predict need to use a saved model the way it was trained.
+
+    Saved inside ``model.pt`` and logged as ``model_meta.json`` (as a plain dict: ``to_dict``).
+    """
+
+    task: str  # classification | segmentation
+    model: str  # architecture name (tilepipe.ml.models.build_model)
+    width: int
+    bands: list[str]  # input band names, in input order
+    scale: dict[str, list[float]]  # dtype -> [low, high] mapped onto [0, 1]
+    classes: list[str]
+    tile_size: int
+    gsd: float | None = None  # metres; None: each scene's own resolution
+    mean: list[float] = field(default_factory=list)  # per input band, of the training tiles
+    std: list[float] = field(default_factory=list)
+    epoch: int = 0  # the best epoch, whose weights these are
+    val: dict[str, float] = field(default_factory=dict)  # its validation metrics
+
+    @property
+    def segmentation(self) -> bool:
+        """True for a per-pixel model (maps on the pixel grid), False for a tile classifier."""
+        return self.task == "segmentation"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain, JSON-able form stored in ``model.pt`` and logged to MLflow."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelMeta:
+        """Read a stored meta; models saved before the task was recorded are classifiers."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{"task": "classification", **{k: v for k, v in raw.items() if k in known}})
 
 
-def save_model(path: Path, model: Normalized, meta: dict) -> None:
+def model_meta(params: Params, stats: dict, tile_size: int, epoch: int, metrics: dict) -> ModelMeta:
+    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px."""
+    return ModelMeta(
+        task=params.train.task,
+        model=params.train.model,
+        width=params.train.width,
+        bands=params.bands.input,
+        scale={k: list(v) for k, v in params.bands.scale.items()},
+        classes=params.data.class_names,
+        tile_size=tile_size,
+        gsd=params.tile.gsd,
+        mean=stats["mean"],
+        std=stats["std"],
+        epoch=epoch,
+        val={k: v for k, v in metrics.items() if k.startswith("val_")},
+    )
+
+
+def save_model(path: Path, model: Normalized, meta: ModelMeta) -> None:
     """Write a model (state dict + JSON-able meta) atomically."""
     # Through a file handle: torch names the archive's inner folder after a path, which would
     # make the bytes depend on the random temp name.
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, fh)
+        torch.save({"state_dict": model.state_dict(), "meta": meta.to_dict()}, fh)
 
 
-def model_from_meta(meta: dict[str, Any]) -> Normalized:
+def model_from_meta(meta: ModelMeta) -> Normalized:
     """A fresh model (random weights) of the architecture, bands and classes ``meta`` describes."""
-    net = build_model(meta["model"], len(meta["bands"]), len(meta["classes"]), meta["width"])
-    return Normalized(net, meta["mean"], meta["std"])
+    net = build_model(meta.model, len(meta.bands), len(meta.classes), meta.width)
+    return Normalized(net, meta.mean, meta.std)
 
 
-def load_model(path: Path) -> tuple[Normalized, dict]:
+def load_model(path: Path) -> tuple[Normalized, ModelMeta]:
     """Load a saved model safely (``weights_only=True``) in eval mode."""
     if not Path(path).is_file():
         raise TilepipeError(f"{path}: model not found (run `tilepipe train`)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    meta = blob["meta"]
+    meta = ModelMeta.from_dict(blob["meta"])
     model = model_from_meta(meta)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), meta

@@ -14,7 +14,7 @@ from torch import nn
 
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import write_json, write_text
-from tilepipe.ml.checkpoint import load_model
+from tilepipe.ml.checkpoint import ModelMeta, load_model
 from tilepipe.ml.dataset import TileBatches, TileRef, make_loader, open_stores, select_tiles, split_members
 from tilepipe.ml.loops import pick_device, predict_batches, prepare
 from tilepipe.ml.metrics import confusion, majority_baseline, summarize
@@ -35,10 +35,10 @@ class TileScores:
 
 
 def score_test_tiles(
-    params: Params, model: nn.Module, meta: dict[str, Any], tiles_dir: Path, split_json: Path
+    params: Params, model: nn.Module, meta: ModelMeta, tiles_dir: Path, split_json: Path
 ) -> TileScores:
     """Run the model over every usable tile of the test split, scene by scene."""
-    classes, task = meta["classes"], meta["task"]
+    classes, task = meta.classes, meta.task
     n_classes = len(classes)
     members = split_members(split_json, "test")
     if not members:
@@ -121,21 +121,21 @@ def evaluate(
     tiles_dir: Path,
     split_json: Path,
     out_dir: Path,
-    more_metrics: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    more_metrics: Callable[[ModelMeta], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Score the best model on the test split; write ``metrics.json``, plot data and a PNG.
 
     ``more_metrics(meta)`` adds metrics computed beside the tiles' (the full-scene maps' ``map_*``).
     """
     model, meta = load_model(Path(model_dir) / "model.pt")
-    classes = meta["classes"]
+    classes = meta.classes
     scores = score_test_tiles(params, model, meta, tiles_dir, split_json)
     train_counts = np.asarray(json.loads((Path(model_dir) / "train.json").read_text())["train_class_counts"])
     metrics = tile_metrics(scores, classes, train_counts)
     out_dir.mkdir(parents=True, exist_ok=True)
     if more_metrics is not None:
         metrics.update(more_metrics(meta))
-    write_evaluation(out_dir, metrics, scores, classes, meta["task"])
+    write_evaluation(out_dir, metrics, scores, classes, meta.task)
     for warning in small_test_warnings(metrics, params):
         print(f"warning: {warning}", file=sys.stderr)
     print(

@@ -24,6 +24,7 @@ from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import atomic_dir, is_leftover, write_json
 from tilepipe.geo.labels import IGNORE, open_labels
 from tilepipe.geo.raster_io import aligned, gdal_env, open_raster, read_ahead, read_padded, target_grid
+from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params
 from tilepipe.tiles.store import PixelEncoding, ShardWriter, read_index, verify_shards, write_index
 
@@ -32,14 +33,14 @@ CHUNK_PX = 1024  # tiles are cut from reads of about this many pixels a side
 TABLE_COLUMNS = ("shard", "offset", "row", "col", "x", "y", "bounds", "nodata", "hist")
 
 
-def fingerprint(scene: dict[str, Any], params: Params) -> str:
+def fingerprint(scene: SceneRecord, params: Params) -> str:
     """Key of a scene's tile output: its content hashes and every param that shapes the tiles."""
     key = {
         "version": STORE_VERSION,
-        "image": scene["image_sha256"],
-        "labels": scene["labels_sha256"],
-        "input_bands": scene["input_bands"],
-        "scale": params.bands.scale.get(scene["dtype"]),
+        "image": scene.image_sha256,
+        "labels": scene.labels_sha256,
+        "input_bands": scene.input_bands,
+        "scale": params.bands.scale.get(scene.dtype),
         "tile": params.tile.model_dump(mode="json", exclude={"workers", "gdal_cache_mb"}),
         "classes": params.data.model_dump(mode="json", include={"classes", "background"}),
     }
@@ -64,20 +65,20 @@ def is_current(scene_dir: Path, expected: str) -> bool:
     return index.get("fingerprint") == expected and verify_shards(scene_dir, index) is None
 
 
-def tile_scene(scene: dict[str, Any], params: Params, scene_dir: Path) -> dict[str, Any]:
+def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str, Any]:
     """Tile one scene into ``scene_dir`` (written whole to a temp dir, then renamed)."""
     tp = params.tile
     started = time.perf_counter()
-    with gdal_env(tp.gdal_cache_mb), open_raster(scene["image"]) as src, atomic_dir(scene_dir) as tmp:
+    with gdal_env(tp.gdal_cache_mb), open_raster(scene.image) as src, atomic_dir(scene_dir) as tmp:
         grid = target_grid(src, tp.gsd)
-        coarser = tp.gsd is not None and tp.gsd > scene["gsd_m"]
+        coarser = tp.gsd is not None and tp.gsd > scene.gsd_m
         view = aligned(src, grid, Resampling.average if coarser else Resampling.bilinear)
-        labels = open_labels(Path(scene["labels"]), grid, params.data)
-        indexes = list(scene["input_bands"].values())
+        labels = open_labels(Path(scene.labels), grid, params.data)
+        indexes = list(scene.input_bands.values())
         rows, cols = tile_grid_shape(grid.width, grid.height, tp.size, tp.stride)
         step = max(1, CHUNK_PX // tp.stride)
         scale = params.bands.scale
-        encoding = PixelEncoding.for_source(scene["dtype"], scale)
+        encoding = PixelEncoding.for_source(scene.dtype, scale)
         writer = ShardWriter(tmp, tp.shard_mb, encoding.dtype)
         table: dict[str, list[np.ndarray]] = {k: [] for k in TABLE_COLUMNS}
         dropped = 0
@@ -88,7 +89,7 @@ def tile_scene(scene: dict[str, Any], params: Params, scene_dir: Path) -> dict[s
             size, stride = tp.size, tp.stride
             window = Window(c0 * stride, r0 * stride, (nc - 1) * stride + size, (nr - 1) * stride + size)
             raw, valid = read_padded(view, window, indexes)
-            image, whole = encoding.encode(raw, scene["dtype"], scale), bool(valid.all())
+            image, whole = encoding.encode(raw, scene.dtype, scale), bool(valid.all())
             if not whole:
                 image[:, ~valid] = encoding.nodata
             return _Chunk(image, window, valid, whole, r0, c0, nr, nc)
@@ -118,11 +119,11 @@ def _corners(rows: int, cols: int, step: int) -> list[tuple[int, int]]:
 
 
 def _scene_index(
-    scene: dict[str, Any], params: Params, grid, encoding: PixelEncoding, table: dict, dropped: int
+    scene: SceneRecord, params: Params, grid, encoding: PixelEncoding, table: dict, dropped: int
 ) -> dict[str, Any]:
     """The scene-level fields of ``index.json``: grid, tiling, bands, classes, pixel encoding, counts."""
     return {
-        "scene_id": scene["scene_id"],
+        "scene_id": scene.scene_id,
         "fingerprint": fingerprint(scene, params),
         "crs": grid.crs.to_string(),
         "transform": list(grid.transform)[:6],
@@ -234,14 +235,14 @@ def _tile_table(table: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray | li
     return {name: np.concatenate(pieces) if pieces else [] for name, pieces in table.items()}
 
 
-def plan(scenes: list[dict[str, Any]], params: Params, out_dir: Path) -> list[dict[str, Any]]:
+def plan(scenes: list[SceneRecord], params: Params, out_dir: Path) -> list[SceneRecord]:
     """The scenes whose tiles are missing, stale or corrupt."""
-    return [s for s in scenes if not is_current(out_dir / s["scene_id"], fingerprint(s, params))]
+    return [s for s in scenes if not is_current(out_dir / s.scene_id, fingerprint(s, params))]
 
 
-def prune_stale(scenes: list[dict[str, Any]], out_dir: Path) -> None:
+def prune_stale(scenes: list[SceneRecord], out_dir: Path) -> None:
     """Remove scene folders of scenes no longer in the catalog, and what a killed run left behind."""
-    wanted = {s["scene_id"] for s in scenes}
+    wanted = {s.scene_id for s in scenes}
     for stale in out_dir.iterdir():
         if stale.is_dir() and stale.name not in wanted:
             shutil.rmtree(stale)
@@ -250,13 +251,13 @@ def prune_stale(scenes: list[dict[str, Any]], out_dir: Path) -> None:
 
 
 def write_summary(
-    scenes: list[dict[str, Any]], out_dir: Path, known: dict[str, int] | None = None
+    scenes: list[SceneRecord], out_dir: Path, known: dict[str, int] | None = None
 ) -> dict[str, int]:
     """Write ``summary.json`` (tile count per scene) once every scene is tiled; returns the counts.
 
     ``known`` holds the counts of scenes just tiled, whose (large) indexes need not be read back.
     """
-    ids, known = [s["scene_id"] for s in scenes], known or {}
+    ids, known = [s.scene_id for s in scenes], known or {}
     counts = {i: known[i] if i in known else read_index(out_dir / i)["tile_count"] for i in ids}
     write_json(out_dir / "summary.json", {"scenes": len(scenes), "tiles": counts})
     return counts

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from tilepipe.errors import TilepipeError
+from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params
 
 SPLITS = ("train", "val", "test")
@@ -19,12 +20,14 @@ ONE_SCENE = (
 )
 
 
-def assign_scenes(scenes: list[dict[str, Any]], ratios: dict[str, float], seed: int) -> dict[str, str]:
-    """scene_id -> split: the catalog's ``split`` column where given, else seeded ratios."""
-    fixed = {s["scene_id"]: s["split"] for s in scenes if s.get("split")}
-    free = sorted(s["scene_id"] for s in scenes if not s.get("split"))
+def assign_scenes(
+    scene_ids: list[str], ratios: dict[str, float], seed: int, pinned: dict[str, str] | None = None
+) -> dict[str, str]:
+    """scene_id -> split: ``pinned`` (the catalog's ``split`` column) where given, else seeded ratios."""
+    fixed = {s: pinned[s] for s in scene_ids if pinned and pinned.get(s)}
+    free = sorted(s for s in scene_ids if s not in fixed)
     order = [free[i] for i in np.random.default_rng(seed).permutation(len(free))]
-    want = {k: ratios[k] * len(scenes) for k in SPLITS}
+    want = {k: ratios[k] * len(scene_ids) for k in SPLITS}
     have = {k: sum(1 for v in fixed.values() if v == k) for k in SPLITS}
     assignment = dict(fixed)
     # Fill the emptiest split relative to its target first, so small catalogs still get each split.
@@ -47,7 +50,7 @@ def assign_blocks(index: dict[str, Any], params: Params, seed: int) -> dict[str,
     buffer = max(sp.buffer_tiles, math.ceil(index["tile_size"] / index["stride"]) - 1)
     brow, bcol = rows // sp.block_tiles, cols // sp.block_tiles
     blocks = sorted(set(zip(brow.tolist(), bcol.tolist(), strict=True)))
-    names = assign_scenes([{"scene_id": f"{r}_{c}"} for r, c in blocks], sp.ratios, seed)
+    names = assign_scenes([f"{r}_{c}" for r, c in blocks], sp.ratios, seed)
     block_split = np.zeros((brow.max() + 1, bcol.max() + 1), dtype=np.int8)  # empty blocks: train
     for r, c in blocks:
         block_split[r, c] = SPLITS.index(names[f"{r}_{c}"])
@@ -65,19 +68,21 @@ def assign_blocks(index: dict[str, Any], params: Params, seed: int) -> dict[str,
 
 
 def assign_members(
-    scenes: list[dict[str, Any]], indexes: dict[str, dict[str, Any]], params: Params, scenes_json: Path
+    scenes: list[SceneRecord], indexes: dict[str, dict[str, Any]], params: Params, scenes_json: Path
 ) -> dict[str, dict[str, list[int] | None]]:
     """Members of each split (scene_id -> tile numbers, None for all): whole scenes, or spatial blocks."""
     members: dict[str, dict[str, list[int] | None]] = {k: {} for k in SPLITS}
     if params.split.spatial_blocks:
         for s in scenes:
-            for name, tiles in assign_blocks(indexes[s["scene_id"]], params, params.seed).items():
+            for name, tiles in assign_blocks(indexes[s.scene_id], params, params.seed).items():
                 if tiles:
-                    members[name][s["scene_id"]] = tiles
+                    members[name][s.scene_id] = tiles
         return members
     if len(scenes) == 1:
         raise TilepipeError(f"{scenes_json}: {ONE_SCENE}")
-    for scene_id, name in assign_scenes(scenes, params.split.ratios, params.seed).items():
+    pinned = {s.scene_id: s.split for s in scenes if s.split}
+    ids = [s.scene_id for s in scenes]
+    for scene_id, name in assign_scenes(ids, params.split.ratios, params.seed, pinned).items():
         members[name][scene_id] = None  # None: every tile of the scene
     return members
 

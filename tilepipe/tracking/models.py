@@ -6,19 +6,18 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from tilepipe.errors import TilepipeError, bad_file
-from tilepipe.ml.checkpoint import load_model, model_from_meta
+from tilepipe.ml.checkpoint import ModelMeta, load_model, model_from_meta
 from tilepipe.tracking.store import tracking_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 QUIET_MLFLOW = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
-def resolve_model(spec: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def resolve_model(spec: str | Path) -> tuple[nn.Module, ModelMeta]:
     """Model (eval mode) and meta from a ``model.pt`` path, ``models:/NAME@ALIAS`` or an MLflow run id."""
     text = str(spec).strip()
     if text.startswith(("models:/", "runs:/")) or RUN_ID.match(text):
@@ -35,7 +34,7 @@ def resolve_model(spec: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise bad_file(path, f"not a tilepipe model.pt ({type(exc).__name__}: {reason})") from None
 
 
-def _from_mlflow(spec: str) -> tuple[nn.Module, dict[str, Any]]:
+def _from_mlflow(spec: str) -> tuple[nn.Module, ModelMeta]:
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
@@ -57,7 +56,7 @@ def _from_mlflow(spec: str) -> tuple[nn.Module, dict[str, Any]]:
             run_id, uri = spec.split("/")[1], spec
         else:
             run_id, uri = client.get_run(spec).info.run_id, f"runs:/{spec}/model"
-        meta = mlflow.artifacts.load_dict(f"runs:/{run_id}/model_meta.json")
+        meta = ModelMeta.from_dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/model_meta.json"))
         logged = mlflow.pytorch.load_model(uri, map_location="cpu")
     except (MlflowException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -70,7 +69,7 @@ def _from_mlflow(spec: str) -> tuple[nn.Module, dict[str, Any]]:
     return _eager(logged, meta, spec), meta
 
 
-def _eager(logged: nn.Module, meta: dict[str, Any], spec: str) -> nn.Module:
+def _eager(logged: nn.Module, meta: ModelMeta, spec: str) -> nn.Module:
     """The logged weights in a fresh eager model.
 
     MLflow saves PyTorch models as ``torch.export`` programs (pt2) whose graph is traced at the

@@ -93,11 +93,11 @@ def log_trained_model(model_dir: Path) -> dict[str, str]:
     log_training_files(model_dir)
     mlflow = connected_mlflow()
     model, meta = load_model(model_dir / "model.pt")
-    example = np.random.default_rng(0).random((2, len(meta["bands"]), meta["tile_size"], meta["tile_size"]))
+    example = np.random.default_rng(0).random((2, len(meta.bands), meta.tile_size, meta.tile_size))
     example = example.astype(np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
-    mlflow.log_dict(meta, "model_meta.json")
+    mlflow.log_dict(meta.to_dict(), "model_meta.json")
     info = mlflow.pytorch.log_model(
         model,
         name="model",
