@@ -37,7 +37,7 @@ bench: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 
-serve: $(STAMP)  # needs a Prefect server: see README, Orchestration with Prefect
+serve: $(STAMP)  # needs a Prefect server: see docs/orchestration.md
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/tilepipe serve
 
 clean:
