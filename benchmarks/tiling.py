@@ -62,7 +62,7 @@ def _catalog(folder: Path, names: list[str]) -> Path:
     if not scenes.is_file():
         catalog = str(folder / "catalog.csv")
         run_measured(
-            "from pathlib import Path\nfrom stages.params import load_params\n"
+            "from pathlib import Path\nfrom tilepipe.params import load_params\n"
             "from tilepipe.stages.ingest import ingest\n"
             f"ingest(load_params('params.yaml'), Path({catalog!r}), Path({str(scenes)!r}))"
         )
