@@ -19,6 +19,7 @@ from tilepipe.flows.fanout import run_each
 from tilepipe.flows.repo_lock import pipeline_lock
 from tilepipe.flows.report import publish_metrics
 from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.geo.read_errors import is_transient_read_error
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
 from tilepipe.stages.evaluate import evaluate, register
@@ -35,13 +36,19 @@ step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incr
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry condition: transient I/O errors (OSError, RasterioError), never bad input (TilepipeError)."""
+    """Retry condition: faults on the way (OSError, a remote read GDAL could not finish), never bad data.
+
+    A file whose pixels do not decode fails the same way every time: tiling reports it as a
+    TilepipeError naming the file and the pixels, and so does any other bad input.
+    """
     try:
         state.result()
     except TilepipeError:
         return False
-    except (OSError, RasterioError):
+    except OSError:
         return True
+    except RasterioError as exc:
+        return is_transient_read_error(exc)
     except Exception:  # noqa: BLE001 - anything else is a bug, and a retry would only repeat it
         return False
     return False

@@ -16,6 +16,10 @@ from tilepipe.geo.scenes import inspect_scene
 from tilepipe.params import Params
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
     """Validate the catalog's scenes and write the normalised catalog (JSON) to ``out``."""
     rows = read_catalog(catalog)
@@ -23,7 +27,7 @@ def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
     with gdal_env(params.tile.gdal_cache_mb):
         for row in rows:
             try:
-                scenes.append(inspect_scene(row, params))
+                scenes.append(inspect_scene(row, params, warn=_warn))
             except (TilepipeError, RasterioError) as exc:
                 message = str(exc) if isinstance(exc, TilepipeError) else f"{row.image}: {exc}"
                 if params.ingest.on_error == "fail":

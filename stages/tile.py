@@ -46,24 +46,19 @@ def summarize_tiles(scenes_json: Path, out_dir: Path, known: dict[str, int] | No
 
 
 def tile(params: Params, scenes_json: Path, out_dir: Path) -> dict[str, Any]:
-    """Tile every ingested scene that needs it, ``tile.workers`` processes at once; write ``summary.json``."""
+    """Tile every ingested scene that needs it, ``tile.workers`` processes at once; write ``summary.json``.
+
+    A scene that fails does not stop the others: they are tiled (and kept), then the first
+    failure is raised; ``summary.json`` is written only when every scene is tiled.
+    """
     total = len(read_scene_records(scenes_json))
     todo = plan_tiling(params, scenes_json, out_dir)
     print(f"tile: {len(todo)} of {total} scene(s) to tile, {total - len(todo)} up to date")
     started = time.perf_counter()
-    done: list[dict[str, Any]] = []
-    if len(todo) <= 1 or params.tile.workers == 1:
-        for scene in todo:
-            done.append(_tile_or_fail(scene, params, out_dir))
-            _report(done[-1])
-    else:
-        workers = min(params.tile.workers, len(todo))
-        ctx, parent = get_context("spawn"), os.getpid()
-        with ProcessPoolExecutor(workers, ctx, initializer=die_with_parent, initargs=(parent,)) as pool:
-            futures = [pool.submit(_tile_or_fail, s, params, out_dir) for s in todo]
-            for future in futures:
-                done.append(future.result())
-                _report(done[-1])
+    done, failed = _tile_all(params, todo, out_dir)
+    if failed:
+        more = f" ({len(failed) - 1} more scene(s) failed too; run again for each)" if len(failed) > 1 else ""
+        raise TilepipeError(f"{failed[0]}{more}")
     counts = summarize_tiles(scenes_json, out_dir, {d["scene_id"]: d["tile_count"] for d in done})
     return {
         "scenes": total,
@@ -71,6 +66,41 @@ def tile(params: Params, scenes_json: Path, out_dir: Path) -> dict[str, Any]:
         "tiles": counts,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _tile_all(
+    params: Params, todo: list[SceneRecord], out_dir: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Tile ``todo`` in this process or a pool; the summaries of the tiled scenes, the errors of the rest."""
+    done: list[dict[str, Any]] = []
+    failed: list[str] = []
+    if len(todo) <= 1 or params.tile.workers == 1:
+        for scene in todo:
+            _collect(_outcome(lambda s=scene: _tile_or_fail(s, params, out_dir)), done, failed)
+        return done, failed
+    workers = min(params.tile.workers, len(todo))
+    ctx, parent = get_context("spawn"), os.getpid()
+    with ProcessPoolExecutor(workers, ctx, initializer=die_with_parent, initargs=(parent,)) as pool:
+        futures = [pool.submit(_tile_or_fail, s, params, out_dir) for s in todo]
+        for future in futures:
+            _collect(_outcome(future.result), done, failed)
+    return done, failed
+
+
+def _outcome(call) -> dict[str, Any] | TilepipeError:
+    """The summary a tiling call returns, or the user-facing error it raised."""
+    try:
+        return call()
+    except TilepipeError as exc:
+        return exc
+
+
+def _collect(outcome: dict[str, Any] | TilepipeError, done: list, failed: list) -> None:
+    if isinstance(outcome, TilepipeError):
+        failed.append(str(outcome))
+        return
+    done.append(outcome)
+    _report(outcome)
 
 
 def _report(done: dict[str, Any]) -> None:

@@ -53,6 +53,23 @@ def write_raster(
     return path
 
 
+def cut_pixel_data(path: Path, keep: float = 0.6) -> Path:
+    """Rewrite a GeoTIFF with its header first (COG layout, 64 px blocks), then cut it at ``keep``.
+
+    The header and the first blocks stay readable: opening the file works, reading the last
+    blocks fails, as with a download or a copy that stopped half-way.
+    """
+    import rasterio.shutil
+
+    whole = path.with_name(f"{path.stem}.whole.tif")
+    path.rename(whole)
+    rasterio.shutil.copy(whole, path, driver="COG", BLOCKSIZE=64, OVERVIEWS="NONE", COMPRESS="DEFLATE")
+    whole.unlink()
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
 def write_scene(
     folder: Path,
     scene_id: str,

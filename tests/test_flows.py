@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 import pytest
+import rasterio
 import yaml
 from prefect import State, flow
 from prefect.client.orchestration import get_client
@@ -33,7 +35,15 @@ from prefect.exceptions import ObjectNotFound
 from rasterio.errors import RasterioError
 
 import tilepipe.flows.pipeline as pipeline_module
-from tests.conftest import ROOT, copy_repo, tiny_overrides, write_catalog, write_scene
+from tests.conftest import (
+    ROOT,
+    copy_repo,
+    cut_pixel_data,
+    tiny_overrides,
+    write_catalog,
+    write_raster,
+    write_scene,
+)
 from tilepipe.errors import TilepipeError
 from tilepipe.flows.deploy import DEFAULT_CRON
 from tilepipe.flows.pipeline import ingest_task, pipeline, plan_task, tile_all
@@ -253,25 +263,56 @@ def test_rerun_tiles_nothing_and_a_new_scene_tiles_alone(workspace, first_run):
     assert sorted(summary["tiles"]) == ["s0", "s1", "s2", "s3"]
 
 
+def test_flow_without_a_prefect_server_starts_a_temporary_one(tmp_path):
+    """`tilepipe flow` with no PREFECT_API_URL: Prefect's temporary server runs the flow, then stops."""
+    overrides = make_workspace(tmp_path, 3)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own database, not the session server's
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    sets = [x for o in [*overrides, "train.epochs=1"] for x in ("--set", o)]
+    cmd = [str(BIN / "tilepipe"), "flow", "--params", str(PARAMS), *sets]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Starting temporary server on http://127.0.0.1:" in result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert metrics["test_scenes"] >= 1 and 0 <= metrics["accuracy"] <= 1
+
+
 # ---------------------------------------------------------------- tile tasks: retries, incremental
 
 
-@pytest.mark.parametrize(
-    "transient",
-    [OSError(errno.EIO, "injected transient I/O error"), RasterioError("injected read failure")],
-    ids=["OSError", "RasterioError"],
-)
+TRANSIENT = [
+    OSError(errno.EIO, "injected transient I/O error"),
+    OSError(errno.ECONNRESET, "Connection reset by peer"),
+    RasterioError("s1.tif: HTTP response code: 503 - failed to read"),
+    RasterioError("CPLE_HttpResponse: curl error: Operation timed out after 30000 milliseconds"),
+]
+DAMAGED = [
+    TilepipeError("s1.tif: injected bad input"),
+    RasterioError("s1.tif, band 1: IReadBlock failed at X offset 0, Y offset 2: TIFFReadEncodedTile failed"),
+]
+
+
+def flaky_tiling(calls: Counter, error: Exception, failures: int) -> Callable:
+    """tile_one, but scene s1 raises ``error`` on its first ``failures`` attempts."""
+
+    def tile(scene, params, out_dir):
+        calls[scene.scene_id] += 1
+        if scene.scene_id == "s1" and calls["s1"] <= failures:
+            raise error
+        return tile_one(scene, params, out_dir)
+
+    return tile
+
+
+@pytest.mark.parametrize("transient", TRANSIENT, ids=["EIO", "ECONNRESET", "HTTP-503", "curl-timeout"])
 def test_a_transient_tile_error_is_retried(tmp_path, transient):
     overrides = make_workspace(tmp_path, 3, size=(96, 80))
     calls: Counter[str] = Counter()
-
-    def flaky(scene, params, out_dir):
-        calls[scene.scene_id] += 1
-        if scene.scene_id == "s1" and calls["s1"] == 1:
-            raise transient
-        return tile_one(scene, params, out_dir)
-
-    state = run_flow(tmp_path, overrides, tile_only, tile_one=flaky)
+    state = run_flow(tmp_path, overrides, tile_only, tile_one=flaky_tiling(calls, transient, 1))
     assert state.is_completed(), state
     assert calls == {"s0": 1, "s1": 2, "s2": 1}
     runs = task_runs(flow_run_id(state))
@@ -281,25 +322,49 @@ def test_a_transient_tile_error_is_retried(tmp_path, transient):
     assert (tmp_path / "data/tiles/s1/index.json").is_file()
 
 
-def test_bad_input_in_a_tile_task_is_not_retried(tmp_path):
+def test_a_transient_error_that_persists_fails_after_three_retries(tmp_path):
     overrides = make_workspace(tmp_path, 3, size=(96, 80))
     calls: Counter[str] = Counter()
-
-    def broken(scene, params, out_dir):
-        calls[scene.scene_id] += 1
-        if scene.scene_id == "s1":
-            raise TilepipeError("s1.tif: injected bad input")
-        return tile_one(scene, params, out_dir)
-
-    state = run_flow(tmp_path, overrides, tile_only, tile_one=broken)
+    error = OSError(errno.ECONNRESET, "Connection reset by peer")
+    state = run_flow(tmp_path, overrides, tile_only, tile_one=flaky_tiling(calls, error, 99))
     assert state.is_failed()
-    with pytest.raises(TilepipeError, match="injected bad input"):
+    assert calls == {"s0": 1, "s1": 4, "s2": 1}  # the first attempt and 3 retries
+    runs = task_runs(flow_run_id(state))
+    assert runs["tile-s1"].run_count == 4 and runs["tile-s1"].state_type.value == "FAILED"
+    assert state_names(runs["tile-s1"]).count("AwaitingRetry") == 3
+
+
+@pytest.mark.parametrize("damaged", DAMAGED, ids=["TilepipeError", "undecodable-block"])
+def test_bad_input_in_a_tile_task_is_not_retried(tmp_path, damaged):
+    overrides = make_workspace(tmp_path, 3, size=(96, 80))
+    calls: Counter[str] = Counter()
+    state = run_flow(tmp_path, overrides, tile_only, tile_one=flaky_tiling(calls, damaged, 99))
+    assert state.is_failed()
+    with pytest.raises(type(damaged), match="s1.tif"):
         state.result()
     assert calls == {"s0": 1, "s1": 1, "s2": 1}  # the other scenes still finish
     runs = task_runs(flow_run_id(state))
     assert runs["tile-s1"].run_count == 1 and runs["tile-s1"].state_type.value == "FAILED"
     assert "AwaitingRetry" not in state_names(runs["tile-s1"])
     assert runs["tile-s0"].state_type.value == "COMPLETED"
+
+
+def test_a_damaged_file_fails_its_tile_task_once_naming_the_pixels(tmp_path):
+    """A real GeoTIFF cut short in its pixel data (header intact): one attempt, one clear error."""
+    overrides = make_workspace(tmp_path, 3, size=(256, 256))
+    image = tmp_path / "scenes" / "s1.tif"
+    with rasterio.open(image) as src:  # the same pixels without a nodata value: ingest reads none
+        data, crs, transform = src.read(), src.crs, src.transform
+    write_raster(image, np.maximum(data, 1), crs, transform, descriptions=["red", "green", "blue"])
+    cut_pixel_data(image)
+    state = run_flow(tmp_path, overrides, tile_only)
+    assert state.is_failed()
+    with pytest.raises(TilepipeError, match=r"s1\.tif: scene s1: damaged data: rows \d+-\d+, columns"):
+        state.result()
+    runs = task_runs(flow_run_id(state))
+    assert runs["tile-s1"].run_count == 1 and "AwaitingRetry" not in state_names(runs["tile-s1"])
+    assert {runs[f"tile-{s}"].state_type.value for s in ("s0", "s2")} == {"COMPLETED"}
+    assert sorted(p.name for p in (tmp_path / "data/tiles").iterdir()) == ["s0", "s2"]
 
 
 def test_corrupt_or_deleted_tiles_are_rebuilt_alone(tmp_path):
@@ -433,10 +498,15 @@ def test_flow_matches_dvc_repro_and_leaves_dvc_up_to_date(tmp_path):
     # With overrides the stages see other params than params.yaml: dvc.lock must not record them.
     # (In a subprocess: the test process may hold stages modules older than the files.)
     check = (
-        "from flows import dvc_cli as dvc\n"
+        "from tilepipe.flows import dvc_cli as dvc\n"
         "from tilepipe.params import load_params\n"
         "assert dvc.why_not_commit(load_params('params.yaml')) is None\n"
         "assert 'params.yaml' in dvc.why_not_commit(load_params('params.yaml', ['train.epochs=3']))\n"
         "assert dvc.synthesis_is_current(load_params('params.yaml'))\n"
     )
     _sh([sys.executable, "-c", check], repo, env)
+    lock = (repo / "dvc.lock").read_bytes()
+    overridden = _sh([str(BIN / "tilepipe"), "flow", "--set", "train.epochs=1"], repo, env)
+    assert (repo / "dvc.lock").read_bytes() == lock, "a run with --set must leave dvc.lock alone"
+    assert "dvc.lock not updated" in overridden.stdout + overridden.stderr
+    assert "params.yaml" in overridden.stdout + overridden.stderr

@@ -31,8 +31,15 @@ def test_project_params_validate():
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(TilepipeError) as err:
         load_params(ROOT / "params.yaml", [override])
-    assert f"{key}" in str(err.value)
-    assert "params.yaml" in str(err.value)
+    assert str(err.value).startswith(f"--set {override}: {key}"), err.value
+
+
+def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("  size: 64", "  size: sixty-four"))
+    with pytest.raises(TilepipeError) as err:
+        load_params(path, ["tile.stride=32"])
+    assert str(err.value).startswith(f"{path}: tile.size: Input should be a valid integer"), err.value
 
 
 def test_overrides_use_dvc_exp_syntax():

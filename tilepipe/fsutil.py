@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -110,6 +111,24 @@ def remove_leftovers(folder: Path | str) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return found
+
+
+def input_problem(path: Path | str, missing: str = "file not found") -> str | None:
+    """Why ``path`` cannot be opened as an input file (``missing`` when it does not exist), or None."""
+    path = Path(path)
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        return "symlink loop: the link leads back to itself"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop: the link leads back to itself"
+        if path.is_symlink():
+            return f"broken symlink: it points to {os.readlink(path)}, which does not exist"
+        return missing
+    if path.is_dir():
+        return "is a directory, not a file"
+    return None
 
 
 def file_sha256(path: Path | str) -> str:

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tilepipe.errors import TilepipeError
+from tilepipe.fsutil import input_problem
 
 DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -251,7 +252,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise TilepipeError(f"--set {key}: value is not valid YAML ({exc.problem})") from exc
+        raise TilepipeError(f"--set {key}: value is not valid YAML ({yaml_problem(exc)})") from None
     return key.strip().split("."), value
 
 
@@ -275,29 +276,49 @@ def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
-def validate(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate a params dict; the error names every bad key and says what is wrong."""
+def _related(key: str, other: str) -> bool:
+    """True when one dotted key is the other or holds it (``data`` and ``data.background``)."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+
+
+def validate(raw: dict[str, Any], source: str = "params", overrides: list[str] | None = None) -> Params:
+    """Validate a params dict; the error names every bad key, where its value came from and what is wrong.
+
+    A key set by one of ``overrides`` (``KEY=VALUE``) is blamed on that ``--set``, any other on ``source``.
+    """
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
+        set_by = {text.partition("=")[0].strip(): text for text in overrides or []}
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{key}: {msg}")
-        raise TilepipeError(f"{source}: " + "; ".join(problems)) from None
+            overridden = [f"--set {v}" for k, v in set_by.items() if _related(key, k)]
+            culprit = overridden[-1] if overridden else source
+            problems.append(f"{culprit}: {key}: {msg}")
+        raise TilepipeError("; ".join(problems)) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or type(exc).__name__}{where}"
 
 
 def read_raw(path: Path) -> dict[str, Any]:
     """Read a params YAML file as a dict (safe loader), or fail naming the file."""
+    if problem := input_problem(path, missing="params file not found"):
+        raise TilepipeError(f"{path}: {problem}")
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise TilepipeError(f"{path}: params file not found") from None
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise TilepipeError(f"{path}: not UTF-8 text; save the params file as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise TilepipeError(f"{path}: not valid YAML ({exc})") from None
+        raise TilepipeError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise TilepipeError(f"{path}: expected a mapping of sections at the top level")
     return raw
@@ -306,7 +327,7 @@ def read_raw(path: Path) -> dict[str, Any]:
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Load, override and validate ``params.yaml``."""
     raw = apply_overrides(read_raw(Path(path)), overrides or [])
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), overrides=overrides)
 
 
 def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:

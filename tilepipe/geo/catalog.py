@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilepipe.errors import bad_file
+from tilepipe.fsutil import input_problem
 
 SCENE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
@@ -30,8 +31,19 @@ class CatalogRow:
 def read_catalog(path: Path | str) -> list[CatalogRow]:
     """Read and check the catalog CSV; any problem is one error naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise bad_file(path, "catalog not found")
+    if problem := input_problem(path, missing="catalog not found"):
+        raise bad_file(path, problem)
+    try:
+        return _check_rows(path, _read_rows(path))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise bad_file(
+            path, f"line {line}: byte 0x{exc.object[exc.start]:02x} is not UTF-8; save the catalog as UTF-8"
+        ) from None
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The catalog's rows as stripped strings, after checking the header and each row's width."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -48,6 +60,11 @@ def read_catalog(path: Path | str) -> list[CatalogRow]:
                     'quote values holding commas; a bands mapping takes ";" (red=3;green=2;blue=1)',
                 )
             rows.append({(k or "").strip(): (v or "").strip() for k, v in record.items()})
+    return rows
+
+
+def _check_rows(path: Path, rows: list[dict[str, str]]) -> list[CatalogRow]:
+    """Catalog rows checked one by one: ids, splits, files; paths relative to the catalog's folder."""
     if not rows:
         raise bad_file(path, "catalog lists no scenes")
     base = path.parent

@@ -1,4 +1,4 @@
-"""Raster I/O shared by the stages: GDAL settings, band lookup by name, scaling, aligned grids."""
+"""Raster I/O shared by the library: GDAL settings, band lookup by name, scaling, aligned grids."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
-from tilepipe.errors import TilepipeError, bad_file
+from tilepipe.errors import bad_file
+from tilepipe.fsutil import input_problem
 
 T = TypeVar("T")
 
@@ -41,8 +42,8 @@ def gdal_env(cache_mb: int = 64) -> Iterator[None]:
 def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
     """Open a raster or fail with one line naming the file and the problem."""
     path = Path(path)
-    if not path.exists():
-        raise bad_file(path, "file not found")
+    if problem := input_problem(path):
+        raise bad_file(path, problem)
     if path.stat().st_size == 0:
         raise bad_file(path, "file is empty")
     try:
@@ -273,8 +274,3 @@ def check_georeferenced(src: rasterio.io.DatasetReader) -> None:
         raise bad_file(src.name, "has no CRS (coordinate reference system)")
     if src.transform.is_identity or src.transform == Affine(1, 0, 0, 0, 1, 0):
         raise bad_file(src.name, "has no geotransform (pixel-to-map coordinates)")
-
-
-def describe_error(exc: Exception) -> str:
-    """First line of a library error, for one-line messages."""
-    return str(exc).split("\n")[0] if not isinstance(exc, TilepipeError) else str(exc)

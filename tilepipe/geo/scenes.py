@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 
 from tilepipe.errors import bad_file
-from tilepipe.fsutil import file_sha256, relative_to_cwd
+from tilepipe.fsutil import file_sha256, input_problem, relative_to_cwd
 from tilepipe.geo.catalog import CatalogRow
 from tilepipe.geo.labels import is_geojson, label_bounds_in
 from tilepipe.geo.raster_io import (
@@ -26,6 +28,7 @@ from tilepipe.params import Params
 
 MAX_PIXELS = 10**12  # beyond this a header is taken to lie about the size
 SAMPLE_BLOCKS = 256  # nodata is estimated on this many blocks at most
+ZERO_SAMPLE_BLOCKS = 16  # an image is checked for being all zeros on this many blocks first
 
 
 @dataclass(frozen=True)
@@ -73,34 +76,63 @@ def read_scene_records(scenes_json: Path | str) -> list[SceneRecord]:
     return [SceneRecord.from_dict(s) for s in json.loads(Path(scenes_json).read_text())["scenes"]]
 
 
-def _nodata_fraction(src, sample: int | None = None) -> float:
-    """Nodata share estimated on up to SAMPLE_BLOCKS blocks spread evenly over the scene.
+def _spread(count: int, sample: int | None) -> np.ndarray:
+    """Up to ``sample`` indices spread evenly over ``range(count)`` (all of them for None)."""
+    return np.unique(np.linspace(0, count - 1, num=min(count, sample or count)).round().astype(int))
+
+
+def _nodata_fraction(src, sample: int | None = None) -> tuple[float, float]:
+    """Nodata share, and the share that is NaN or infinite, on up to ``sample`` blocks spread evenly.
 
     Full-resolution block reads: a decimated read (``out_shape``) of a file without overviews
     makes GDAL fetch the same blocks over and over and takes a minute per scene.
     """
     windows = [w for _, w in src.block_windows(1)]
-    picks = np.unique(
-        np.linspace(0, len(windows) - 1, num=min(len(windows), sample or len(windows))).round().astype(int)
-    )
+    picks = _spread(len(windows), sample)
     floating = np.issubdtype(np.dtype(src.dtypes[0]), np.floating)
-    invalid = total = 0
+    invalid = not_finite = total = 0
     for i in picks:
         valid = src.dataset_mask(window=windows[i]) > 0
         if floating:
-            valid &= np.all(np.isfinite(src.read(window=windows[i])), axis=0)
+            finite = np.all(np.isfinite(src.read(window=windows[i])), axis=0)
+            not_finite += int(finite.size - finite.sum())
+            valid &= finite
         invalid += int(valid.size - valid.sum())
         total += valid.size
     fraction = invalid / max(total, 1)
     if fraction >= 1.0 and len(picks) < len(windows):
         return _nodata_fraction(src)  # before calling a scene empty, look at every block
-    return fraction
+    return fraction, not_finite / max(total, 1)
 
 
-def inspect_scene(row: CatalogRow, params: Params) -> SceneRecord:
-    """Validate one scene and its labels; return its metadata record or raise a one-line error."""
-    if not row.labels.exists():
-        raise bad_file(row.labels, "label file not found")
+def _all_zero(src, sample: int | None = ZERO_SAMPLE_BLOCKS) -> bool:
+    """True when every pixel of every band is 0 (a few blocks first; all of them before saying so)."""
+    windows = [w for _, w in src.block_windows(1)]
+    picks = _spread(len(windows), sample)
+    if any(np.any(src.read(window=windows[i])) for i in picks):
+        return False
+    return len(picks) == len(windows) or _all_zero(src, None)
+
+
+def _pixel_warnings(src, path: Path, not_finite: float) -> list[str]:
+    """Usable but suspicious pixels: NaN (kept as nodata), or an image of zeros with no nodata."""
+    warnings = []
+    if not_finite > 0:
+        warnings.append(
+            f"{path}: {not_finite:.1%} of the sampled pixels are NaN or infinite: they are treated as nodata"
+        )
+    if src.nodata is None and all(f == [MaskFlags.all_valid] for f in src.mask_flag_enums) and _all_zero(src):
+        warnings.append(f"{path}: every pixel is 0 and the file sets no nodata: it carries no signal (kept)")
+    return warnings
+
+
+def inspect_scene(row: CatalogRow, params: Params, warn: Callable[[str], None] = print) -> SceneRecord:
+    """Validate one scene and its labels; return its metadata record or raise a one-line error.
+
+    What is usable but suspicious goes to ``warn``, one line each, naming the file.
+    """
+    if problem := input_problem(row.labels, missing="label file not found"):
+        raise bad_file(row.labels, problem)
     with open_raster(row.image) as src:
         check_georeferenced(src)
         if src.width * src.height > MAX_PIXELS or src.width <= 0 or src.height <= 0:
@@ -113,11 +145,13 @@ def inspect_scene(row: CatalogRow, params: Params) -> SceneRecord:
         mapping = parse_band_mapping(row.bands, row.image)
         indexes = resolve_bands(src, mapping, params.bands.input)
         try:
-            nodata_fraction = _nodata_fraction(src, SAMPLE_BLOCKS)
+            nodata_fraction, not_finite = _nodata_fraction(src, SAMPLE_BLOCKS)
+            if nodata_fraction >= 1.0:
+                raise bad_file(row.image, "every pixel is nodata (or NaN): nothing to learn from")
+            for warning in _pixel_warnings(src, row.image, not_finite):
+                warn(warning)
         except RasterioError as exc:
             raise bad_file(row.image, f"cannot read pixels ({str(exc).splitlines()[0]})") from None
-        if nodata_fraction >= 1.0:
-            raise bad_file(row.image, "every pixel is nodata (or NaN): nothing to learn from")
         left, bottom, right, top = label_bounds_in(row.labels, params.data, src.crs)
         img = src.bounds
         if left >= img.right or right <= img.left or bottom >= img.top or top <= img.bottom:

@@ -18,12 +18,21 @@ from typing import Any
 
 import numpy as np
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import atomic_dir, is_leftover, write_json
 from tilepipe.geo.labels import IGNORE, open_labels
-from tilepipe.geo.raster_io import aligned, gdal_env, open_raster, read_ahead, read_padded, target_grid
+from tilepipe.geo.raster_io import (
+    aligned,
+    gdal_env,
+    open_raster,
+    read_ahead,
+    read_padded,
+    target_grid,
+)
+from tilepipe.geo.read_errors import is_transient_read_error, unreadable_window
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params
 from tilepipe.tiles.store import PixelEncoding, ShardWriter, read_index, verify_shards, write_index
@@ -88,7 +97,12 @@ def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str,
         def read(r0: int, c0: int, nr: int, nc: int) -> _Chunk:
             size, stride = tp.size, tp.stride
             window = Window(c0 * stride, r0 * stride, (nc - 1) * stride + size, (nr - 1) * stride + size)
-            raw, valid = read_padded(view, window, indexes)
+            try:
+                raw, valid = read_padded(view, window, indexes)
+            except RasterioError as exc:
+                if is_transient_read_error(exc):
+                    raise  # a retry of the scene can help (the flow's retry condition)
+                raise unreadable_window(scene.image, window, exc, scene.scene_id) from None
             image, whole = encoding.encode(raw, scene.dtype, scale), bool(valid.all())
             if not whole:
                 image[:, ~valid] = encoding.nodata
@@ -98,7 +112,7 @@ def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str,
             # one thread reads the image ahead while this one reads labels, cuts and queues the tiles
             with closing(read_ahead(read, windows, tp.gdal_cache_mb)) as chunks:
                 for chunk in chunks:
-                    label = labels.read(chunk.window)
+                    label = _read_labels(labels, chunk.window, scene)
                     if not chunk.whole:
                         label[~chunk.valid] = IGNORE
                     dropped += _cut_chunk(chunk, label, params, grid, writer, table)
@@ -137,6 +151,16 @@ def _scene_index(
         "tile_count": sum(len(piece) for piece in table["shard"]),
         "dropped": dropped,
     }
+
+
+def _read_labels(labels, window: Window, scene: SceneRecord) -> np.ndarray:
+    """Class indexes of a window; damaged label data is one line naming the label file."""
+    try:
+        return labels.read(window)
+    except RasterioError as exc:
+        if is_transient_read_error(exc):
+            raise
+        raise unreadable_window(scene.labels, window, exc, scene.scene_id) from None
 
 
 @dataclass
