@@ -9,14 +9,20 @@ from tilepipe.fsutil import atomic_dir, write_json
 from tilepipe.mapping.predict import predict_scene
 from tilepipe.mapping.scoring import held_out_scenes
 from tilepipe.params import Params
+from tilepipe.tracking.fetch import Prefetch
 from tilepipe.tracking.models import resolve_model
 
 
 def predict_held_out(
-    params: Params, model_spec: str | Path, scenes_json: Path, split_json: Path, out_dir: Path
+    params: Params,
+    model_spec: str | Path,
+    scenes_json: Path,
+    split_json: Path,
+    out_dir: Path,
+    prefetch: Prefetch | None = None,
 ) -> list[dict[str, Any]]:
     """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole."""
-    model, meta = resolve_model(model_spec)
+    model, meta = resolve_model(model_spec, prefetch)
     records = held_out_scenes(scenes_json, split_json)
     summaries = []
     with atomic_dir(out_dir) as tmp:
@@ -24,7 +30,10 @@ def predict_held_out(
             output = tmp / f"{record.scene_id}.tif"
             summary = predict_scene(params, model, meta, record.image, output, bands=record.band_mapping)
             summaries.append({"scene_id": record.scene_id, **summary, "output": output.name})
-        write_json(tmp / "predictions.json", {"model": str(model_spec), "scenes": summaries})
+        # timings (and the printed line, which names the temp folder) vary from run to run: the
+        # record holds what the maps are, so the same maps give the same bytes (DVC, git)
+        recorded = [{k: v for k, v in s.items() if k not in ("seconds", "line")} for s in summaries]
+        write_json(tmp / "predictions.json", {"model": str(model_spec), "scenes": recorded})
     print(f"predict: {len(records)} held-out test scene(s) mapped into {out_dir}")
     return summaries
 
@@ -36,7 +45,11 @@ def predict_one(
     output: Path,
     probabilities: bool = False,
     bands: str | None = None,
+    prefetch: Prefetch | None = None,
 ) -> dict[str, Any]:
-    """Map one scene to ``output`` (COG), optionally with a probability band per class."""
-    model, meta = resolve_model(model_spec)
+    """Map one scene to ``output`` (COG), optionally with a probability band per class.
+
+    ``prefetch``: an MLflow model's weights being fetched since before torch was imported.
+    """
+    model, meta = resolve_model(model_spec, prefetch)
     return predict_scene(params, model, meta, scene, output, probabilities, bands)

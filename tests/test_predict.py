@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,8 @@ from tilepipe.stages.ingest import ingest
 from tilepipe.stages.predict import predict_held_out
 from tilepipe.stages.split import split
 from tilepipe.stages.tile import tile
+from tilepipe.tracking import fetch
+from tilepipe.tracking.fetch import Prefetch
 from tilepipe.tracking.models import resolve_model
 
 RGB = ["red", "green", "blue"]
@@ -390,12 +393,18 @@ def test_models_resolve_from_mlflow_and_serve_through_pyfunc(trained, monkeypatc
     register(run, {"macro_f1": 0.5}, params, tmp_path / "split.json")
     local, local_meta = load_model(tmp_path / "models" / "model.pt")
     x = torch.from_numpy(np.random.default_rng(0).random((5, 3, 16, 16), dtype=np.float32))
-    for spec in (
-        f"models:/{params.track.model_name}@champion",
-        run["run_id"],
-        str(tmp_path / "models" / "model.pt"),
-    ):
-        model, meta = resolve_model(spec)
+    champion = f"models:/{params.track.model_name}@champion"
+    specs = (champion, run["run_id"], str(tmp_path / "models" / "model.pt"))
+    loaded = [resolve_model(spec) for spec in specs]
+    prefetch = Prefetch(champion)  # the weights fetched by a helper process, as `tilepipe predict` does
+    try:
+        assert prefetch.path().name == "model.pt"
+        loaded.append(resolve_model(champion, prefetch))
+    finally:
+        prefetch.close()
+    monkeypatch.setattr(fetch, "WEIGHTS", "weights/none.pt")  # a run logged before the weights were
+    loaded.append(resolve_model(champion))  # ... loads through mlflow.pytorch instead
+    for model, meta in loaded:
         assert meta == local_meta and not model.training
         with torch.no_grad():
             torch.testing.assert_close(model(x), local(x))
@@ -407,6 +416,10 @@ def test_models_resolve_from_mlflow_and_serve_through_pyfunc(trained, monkeypatc
         with pytest.raises(TilepipeError, match=words) as err:
             resolve_model(spec)
         assert "\n" not in str(err.value)
+        prefetch = Prefetch(spec)
+        with pytest.raises(TilepipeError, match=words):
+            resolve_model(spec, prefetch)
+        prefetch.close()
 
     # Serving: the logged model takes (n, bands, size, size) float32 in [0, 1] and returns class logits.
     served = mlflow.pyfunc.load_model(run["model_uri"])
@@ -418,11 +431,15 @@ def test_models_resolve_from_mlflow_and_serve_through_pyfunc(trained, monkeypatc
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from tilepipe.params import load_params
     from tilepipe.mapping.predict import predict_scene
     from tilepipe.ml.checkpoint import ModelMeta
+    def status_kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
     torch.manual_seed(0)
     torch.set_num_threads(1)
     scene, out, params_file = sys.argv[1:4]
@@ -432,16 +449,18 @@ MEMORY_SCRIPT = textwrap.dedent(
     model = torch.nn.Conv2d(3, 5, 1).eval()  # the pipeline's memory is under test, not the net's
     with torch.no_grad():
         model(torch.zeros(16, 3, 256, 256))  # allocator and thread pools warmed up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the peak of the prediction alone: Linux resets VmHWM to the current RSS on "5" (clear_refs)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = status_kb("VmRSS")
     predict_scene(params, model, meta, scene, out, probabilities=True)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = status_kb("VmHWM")
     print(json.dumps({"before_kb": before, "after_kb": after}))
     """
 )
 
 
-def test_memory_stays_bounded_whatever_the_scene_size(tmp_path):
-    width, height = 2048, 8192  # memory grows with the width (one strip), never with the area
+def _striped_scene(path: Path, width: int, height: int) -> Path:
+    """A tiled RGB GeoTIFF written block row by block row: the test never holds the scene either."""
     profile = {
         "driver": "GTiff",
         "width": width,
@@ -456,22 +475,21 @@ def test_memory_stays_bounded_whatever_the_scene_size(tmp_path):
         "compress": "deflate",
     }
     yy, xx = np.mgrid[0:256, 0:width]
-    with rasterio.open(tmp_path / "big.tif", "w", **profile) as dst:
+    with rasterio.open(path, "w", **profile) as dst:
         for band, name in enumerate(RGB, start=1):
             dst.set_band_description(band, name)
-        for row in range(0, height, 256):  # windowed writes: the test never holds the scene either
+        for row in range(0, height, 256):
             block = ((xx // 37 + (yy + row) // 53) * 40 % 256).astype(np.uint8)
             dst.write(np.stack([block, block * 3, 255 - block]), window=Window(0, row, width, 256))
+    return path
+
+
+def _predict_rss_growth_mb(tmp_path: Path, scene: Path, out: Path) -> float:
+    """Peak RSS added by predicting ``scene`` in a fresh process (after the model's first run)."""
     script = tmp_path / "measure.py"
     script.write_text(MEMORY_SCRIPT)
     done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(tmp_path / "big.tif"),
-            str(tmp_path / "map.tif"),
-            str(ROOT / "params.yaml"),
-        ],
+        [sys.executable, str(script), str(scene), str(out), str(ROOT / "params.yaml")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -480,9 +498,23 @@ def test_memory_stays_bounded_whatever_the_scene_size(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     rss = json.loads(done.stdout.strip().splitlines()[-1])
-    growth_mb = (rss["after_kb"] - rss["before_kb"]) / 1024
-    full_scene_mb = width * height * (5 + 3) * 4 / 2**20  # float32 probabilities + input of the whole scene
-    print(f"peak RSS growth {growth_mb:.0f} MB; whole-scene arrays would take {full_scene_mb:.0f} MB")
-    assert growth_mb < full_scene_mb / 4
-    with rasterio.open(tmp_path / "map.tif") as out:
-        assert (out.width, out.height, out.count) == (width, height, 6)
+    return (rss["after_kb"] - rss["before_kb"]) / 1024
+
+
+def test_memory_does_not_grow_with_the_scene(tmp_path):
+    """Two scenes of one width, one three times the area: memory follows the width (one strip) only.
+
+    The smaller scene already fills what is bounded by settings (GDAL's block cache, the strips
+    in flight), so what the larger one adds would be memory that grows with the scene.
+    """
+    width, heights = 2048, (4096, 12288)
+    growth = {}
+    for height in heights:
+        scene = _striped_scene(tmp_path / f"scene-{height}.tif", width, height)
+        growth[height] = _predict_rss_growth_mb(tmp_path, scene, tmp_path / f"map-{height}.tif")
+        with rasterio.open(tmp_path / f"map-{height}.tif") as out:
+            assert (out.width, out.height, out.count) == (width, height, 6)
+    extra_px = width * (heights[1] - heights[0])
+    whole_scene_mb = extra_px * (5 + 3) * 4 / 2**20  # float32 probabilities + input of the extra rows
+    print(f"peak RSS growth {growth} MB; the extra rows as whole-scene arrays: {whole_scene_mb:.0f} MB")
+    assert growth[heights[1]] - growth[heights[0]] < whole_scene_mb / 10  # 51 MB of 512 MB

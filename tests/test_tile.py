@@ -338,3 +338,80 @@ def test_cut_gives_each_tile_its_own_window(dtype, size, stride):
                 r, c = divmod(int(k), nc)
                 window = array[..., r * stride : r * stride + size, c * stride : c * stride + size]
                 np.testing.assert_array_equal(tile_, window)
+
+
+TILE_MEMORY = """
+import json, sys
+from pathlib import Path
+from tilepipe.geo.scenes import read_scene_records
+from tilepipe.params import load_params
+from tilepipe.tiles.cutting import tile_scene
+scenes_json, out, params_file, catalog = sys.argv[1:5]
+params = load_params(params_file, json.loads(sys.argv[5]))
+scene = read_scene_records(scenes_json)[0]
+def status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here: the tiling's own peak
+before = status_kb("VmRSS")
+tile_scene(scene, params, Path(out))
+after = status_kb("VmHWM")
+print(json.dumps({"before_kb": before, "after_kb": after}))
+"""
+
+
+def _blocky_scene(folder, name: str, side: int) -> dict:
+    """An RGB scene and its label raster, written 512 rows at a time (never whole)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    origin = from_origin(500000, 4000000, 1, 1)
+    grid = {"width": side, "height": side, "crs": "EPSG:32633", "transform": origin}
+    common = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256, **grid}
+    image, labels = folder / f"{name}.tif", folder / f"{name}_labels.tif"
+    yy, xx = np.mgrid[0:512, 0:side]
+    with rasterio.open(image, "w", count=3, dtype="uint8", **common) as img, rasterio.open(
+        labels, "w", count=1, dtype="uint8", **common
+    ) as lab:
+        for band, colour in enumerate(("red", "green", "blue"), start=1):
+            img.set_band_description(band, colour)
+        for row in range(0, side, 512):
+            block = ((xx // 29 + (yy + row) // 31) * 37 % 251 + 1).astype(np.uint8)
+            img.write(np.stack([block, 255 - block, block // 2]), window=Window(0, row, side, 512))
+            lab.write((block % 5 + 1)[None], window=Window(0, row, side, 512))
+    return {"scene_id": name, "image": image.name, "labels": labels.name}
+
+
+def test_tiling_memory_does_not_grow_with_the_scene(tmp_path):
+    """One scene and one four times its area: peak memory grows by a small part of the difference.
+
+    Both are large enough to fill what settings bound (GDAL's 16 MB block cache, the chunks read
+    ahead, two 4 MB shards), so what the larger adds would be memory that grows with the scene.
+    """
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    overrides = ["tile.size=64", "tile.stride=64", "tile.shard_mb=4", "tile.gdal_cache_mb=16"]
+    growth = {}
+    for side in (3072, 6144):
+        folder = tmp_path / str(side)
+        folder.mkdir()
+        catalog = write_catalog(folder, [_blocky_scene(folder, f"s{side}", side)])
+        params = tiny_params(folder, *overrides)
+        ingest(params, catalog, folder / "scenes.json")
+        args = [str(folder / "scenes.json"), str(folder / "tiles"), str(ROOT / "params.yaml"), str(catalog)]
+        all_overrides = [f"data.catalog={catalog}", f"data.imagery={folder}", *overrides]
+        done = subprocess.run(
+            [sys.executable, "-c", TILE_MEMORY, *args, json.dumps(all_overrides)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        rss = json.loads(done.stdout.strip().splitlines()[-1])
+        growth[side] = (rss["after_kb"] - rss["before_kb"]) / 1024
+        assert read_index(folder / "tiles")["tile_count"] == (side // 64) ** 2
+    extra_mb = (6144**2 - 3072**2) * 4 / 2**20  # the extra pixels: 3 bands and labels, one byte each
+    print(f"peak RSS growth {growth} MB; the extra pixels alone take {extra_mb:.0f} MB")
+    assert growth[6144] - growth[3072] < extra_mb / 10  # 11 MB of 108 MB

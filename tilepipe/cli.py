@@ -78,21 +78,25 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
 
 @command("predict", "predict a whole scene to a georeferenced map (COG)")
 def _predict(params: Params, args: argparse.Namespace) -> None:
-    from tilepipe.stages.predict import predict_held_out, predict_one
+    from tilepipe.tracking.fetch import Prefetch, is_mlflow_spec
 
     model_spec = args.model or f"models:/{params.track.model_name}@champion"
-    if args.test_scenes is not None:
-        if args.scene is not None or args.probabilities or args.bands:
-            raise TilepipeError(
-                "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities or --bands"
-            )
-        predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes)
-        return
-    if args.scene is None or args.output is None:
-        raise TilepipeError(
-            "predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the held-out test scenes"
-        )
-    predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands)
+    if args.test_scenes is not None and (args.scene is not None or args.probabilities or args.bands):
+        raise TilepipeError("predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities or --bands")
+    if args.test_scenes is None and (args.scene is None or args.output is None):
+        raise TilepipeError("predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the test scenes")
+    # Ask MLflow in a helper process now, while this one imports torch: the two seconds overlap.
+    prefetch = Prefetch(model_spec) if is_mlflow_spec(model_spec) else None
+    try:
+        from tilepipe.stages.predict import predict_held_out, predict_one
+
+        if args.test_scenes is not None:
+            predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes, prefetch)
+        else:
+            predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
 
 
 @command("flow", "run the whole pipeline (or `flow study`: the scene-scaling study) as a Prefect flow")
@@ -133,10 +137,13 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected scene counts like 1,2,4") from None
 
 
-@command("report", "print a summary of the pipeline's outputs")
+@command("report", "print a summary of the pipeline's outputs (or, --markdown, the results table)")
 def _report(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.tiles.splitting import print_summary
 
+    if args.markdown or args.readme:
+        _results_table(args)
+        return
     if not args.split.is_file():
         raise TilepipeError(f"{args.split}: not found; run `dvc repro` first")
     print_summary(json.loads(args.split.read_text()), params.data.class_names)
@@ -145,6 +152,22 @@ def _report(params: Params, args: argparse.Namespace) -> None:
         print(
             "test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         )
+
+
+def _results_table(args: argparse.Namespace) -> None:
+    """Print the headline results table, or write it into a README's results block."""
+    from tilepipe.fsutil import write_text
+    from tilepipe.results import read_json, results_markdown, with_results
+
+    seeds = read_json(args.seeds) if args.seeds.is_file() else None
+    table = results_markdown(read_json(args.metrics), seeds)
+    if args.readme is None:
+        print(table, end="")
+        return
+    if not args.readme.is_file():
+        raise TilepipeError(f"{args.readme}: not found")
+    write_text(args.readme, with_results(args.readme.read_text(), table, args.readme))
+    print(f"report: results table written into {args.readme}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +243,11 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
         ),
     ),
-    "report": lambda s: _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json"),
+    "report": lambda s: (
+        _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json"),
+        s.add_argument("--markdown", action="store_true", help="print the headline results table (Markdown)"),
+        s.add_argument("--readme", type=Path, default=None, help="write that table into this README's block"),
+    ),
     "study": lambda s: (
         _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.STUDY),
         s.add_argument("--sizes", type=_sizes, default=None, help="training-scene counts, e.g. 1,2,4,6"),

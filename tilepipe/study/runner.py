@@ -72,7 +72,7 @@ def parent_run(params: Params, split_json: Path, plan: dict[str, Any]) -> Iterat
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
-    """Processes forked from one server that has imported torch, MLflow and the stages already."""
+    """Processes forked from one server that has imported torch, MLflow and the training code already."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["mlflow", "tilepipe.study.worker"])
     return context

@@ -17,6 +17,8 @@ Other dtypes are stored already scaled, as float16.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ from tilepipe.geo.raster_io import scale_to_unit
 
 INDEX = "index.json"
 UNIT_DTYPE = "float16"  # how pixels of dtypes not stored as read are kept: scaled onto [0, 1]
+# A test seam, never set in use: the kill test names a scene whose tiling then stops for good
+# after its first shard, so the kill lands at a known point instead of in a timing window.
+HOLD_SCENE = "TILEPIPE_TEST_HOLD_SCENE"
 CHECKSUM = "xxh3_128"  # the key of a shard's checksums in the index, named by their algorithm
 _HASHES: dict[str, Callable[[], Any]] = {CHECKSUM: xxhash.xxh3_128, "sha256": hashlib.sha256}
 
@@ -187,6 +192,9 @@ class ShardWriter:
     def _write(self, shard: dict[str, Any], images: list[np.ndarray], labels: list[np.ndarray]) -> None:
         shard[CHECKSUM][shard["images"]] = _save_npy(self.out_dir / shard["images"], images)
         shard[CHECKSUM][shard["labels"]] = _save_npy(self.out_dir / shard["labels"], labels)
+        if (held := os.environ.get(HOLD_SCENE)) and self.out_dir.name.startswith(f".{held}."):
+            (self.out_dir / "held").touch()  # the test seam: say so, then stop here until killed
+            threading.Event().wait()
 
     def _wait(self) -> None:
         if self._in_flight is not None:

@@ -19,6 +19,7 @@ from tilepipe.fsutil import file_sha256, write_json
 from tilepipe.ml.checkpoint import load_model
 from tilepipe.params import Params, flatten
 from tilepipe.tracking.check import fail_fast
+from tilepipe.tracking.fetch import WEIGHTS
 from tilepipe.tracking.store import connected_mlflow, tracking_uri
 
 TRAINING_ARTIFACTS = ("learning_curves.png", "val_confusion.png", "history.csv", "train.json")
@@ -98,6 +99,8 @@ def log_trained_model(model_dir: Path) -> dict[str, str]:
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.log_dict(meta.to_dict(), "model_meta.json")
+    folder, name = WEIGHTS.rsplit("/", 1)  # what predict loads: the very file training wrote
+    mlflow.log_artifact(str(model_dir / name), artifact_path=folder)
     info = mlflow.pytorch.log_model(
         model,
         name="model",

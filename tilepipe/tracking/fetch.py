@@ -1,0 +1,158 @@
+"""Finding a logged model's run and fetching its weights file: MLflow only, no torch.
+
+``tilepipe predict`` with ``models:/NAME@ALIAS`` (or a run) needs MLflow's registry and torch:
+each takes about a second to import. ``Prefetch`` asks the registry and copies the weights in a
+helper process (``python -m tilepipe.tracking.fetch``) while the command imports torch and opens
+the scene, so the two seconds overlap on a machine with two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tilepipe.errors import TilepipeError
+from tilepipe.tracking.store import tracking_uri
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+QUIET_MLFLOW = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+WEIGHTS = "weights/model.pt"  # the training's model.pt, logged as a run artifact (tracking/runs.py)
+
+
+def is_mlflow_spec(spec: str | Path) -> bool:
+    """True for ``models:/...``, ``runs:/...`` or a bare MLflow run id; False for a file path."""
+    text = str(spec).strip()
+    return text.startswith(("models:/", "runs:/")) or bool(RUN_ID.match(text))
+
+
+def mlflow_client(spec: str) -> tuple[Any, Any, str]:
+    """The ``mlflow`` module, a client of the tracking store, and the store's URI."""
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise TilepipeError(
+            f"{spec}: no MLflow store at {store} (train first, set MLFLOW_TRACKING_URI, "
+            "or pass --model models/model.pt)"
+        )
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    return mlflow, mlflow.MlflowClient(), store
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No download progress bars around the one summary line."""
+    before = os.environ.get(QUIET_MLFLOW)
+    os.environ[QUIET_MLFLOW] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(QUIET_MLFLOW, None)
+        else:
+            os.environ[QUIET_MLFLOW] = before
+
+
+def spec_run(mlflow: Any, client: Any, spec: str) -> tuple[str, str]:
+    """The run id behind a spec, and the URI of its logged MLflow model."""
+    if spec.startswith("models:/"):
+        return registry_run(mlflow, client, spec), spec
+    if spec.startswith("runs:/"):
+        return spec.split("/")[1], spec
+    return client.get_run(spec).info.run_id, f"runs:/{spec}/model"
+
+
+def registry_run(mlflow: Any, client: Any, spec: str) -> str:
+    """The source run of a registered version: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from mlflow.exceptions import MlflowException
+
+    rest = spec.removeprefix("models:/")
+    if "@" in rest:
+        version = client.get_model_version_by_alias(*rest.split("@", 1))
+    elif "/" in rest:
+        version = client.get_model_version(*rest.split("/", 1))
+    else:  # a logged model id (models:/m-...)
+        return mlflow.get_logged_model(rest).source_run_id
+    run_id = version.run_id or version.tags.get("run_id")
+    if not run_id and version.model_id:
+        run_id = mlflow.get_logged_model(version.model_id).source_run_id
+    if not run_id:
+        raise MlflowException(f"version {version.version} of {version.name} has no source run")
+    return run_id
+
+
+def download_weights(client: Any, run_id: str, folder: Path) -> Path | None:
+    """Copy the run's ``weights/model.pt`` into ``folder``; None for a run logged without it."""
+    if not any(a.path == WEIGHTS for a in client.list_artifacts(run_id, WEIGHTS.split("/")[0])):
+        return None
+    return Path(client.download_artifacts(run_id, WEIGHTS, str(folder)))
+
+
+def failure(spec: str, store: str, exc: BaseException) -> TilepipeError:
+    """The one-line error for a model MLflow cannot give."""
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return TilepipeError(f"{spec}: cannot load from MLflow at {store} ({reason})")
+
+
+def fetch(spec: str, folder: Path) -> dict[str, str | None]:
+    """Resolve ``spec`` and copy its weights into ``folder``: ``path`` (None: no weights) or ``error``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow, client, store = mlflow_client(spec)
+    except TilepipeError as exc:
+        return {"error": str(exc)}
+    try:
+        with quiet_downloads():
+            run_id, _ = spec_run(mlflow, client, spec)
+            path = download_weights(client, run_id, folder)
+    except (MlflowException, OSError) as exc:
+        return {"error": str(failure(spec, store, exc))}
+    return {"path": None if path is None else str(path)}
+
+
+class Prefetch:
+    """The weights of an MLflow model, fetched by a helper process started at once."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._folder = tempfile.TemporaryDirectory(prefix="tilepipe-weights-")
+        cmd = [sys.executable, "-m", "tilepipe.tracking.fetch", spec, self._folder.name]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._answer: dict[str, Any] | None = None
+
+    def path(self) -> Path | None:
+        """The fetched weights file; None when the run has none (or the helper failed: resolve here)."""
+        if self._answer is None:
+            out, _ = self._proc.communicate()
+            lines = out.strip().splitlines()
+            self._answer = json.loads(lines[-1]) if self._proc.returncode == 0 and lines else {"path": None}
+        if self._answer.get("error"):
+            raise TilepipeError(self._answer["error"])
+        return Path(self._answer["path"]) if self._answer.get("path") else None
+
+    def close(self) -> None:
+        """Stop the helper if it still runs and remove what it fetched."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._folder.cleanup()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m tilepipe.tracking.fetch SPEC FOLDER``: print the fetch's answer as one JSON line."""
+    spec, folder = argv
+    print(json.dumps(fetch(spec, Path(folder))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
