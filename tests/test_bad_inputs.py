@@ -22,7 +22,8 @@ from tests.conftest import (
     write_raster,
     write_scene,
 )
-from tilepipe.tiles.store import read_index, verify_shards
+from tilepipe.geo.labels import IGNORE
+from tilepipe.tiles.store import SceneTiles, read_index, verify_shards
 
 TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
 TRUNCATED_HEADER = "not a readable raster (img.tif: TIFFReadDirectory"  # its directory was cut off
@@ -301,7 +302,7 @@ def test_a_catalog_that_is_not_utf8_names_the_line_and_byte(tmp_path):
 
 def test_usable_but_suspicious_pixels_are_warnings_naming_the_file(tmp_path):
     nan = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
-    nan[:, :16, :] = np.nan  # a quarter of the image
+    nan[:, :8, :] = np.nan  # an eighth of the image: the top half of the first row of 16 px tiles
     zeros = np.zeros((3, 64, 64), dtype=np.uint8)  # and no nodata value: nothing to learn from
     rows = []
     for name, data in (("nan", nan), ("zeros", zeros)):
@@ -311,13 +312,26 @@ def test_usable_but_suspicious_pixels_are_warnings_naming_the_file(tmp_path):
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == [
-        f"warning: {tmp_path / 'nan.tif'}: 25.0% of the sampled pixels are NaN or infinite: "
+        f"warning: {tmp_path / 'nan.tif'}: 12.5% of the sampled pixels are NaN or infinite: "
         "they are treated as nodata",
         f"warning: {tmp_path / 'zeros.tif'}: every pixel is 0 and the file sets no nodata: "
         "it carries no signal (kept)",
     ], result.stderr
     scenes = {s["scene_id"]: s for s in json.loads(out.read_text())["scenes"]}
-    assert scenes["nan"]["nodata_fraction"] == 0.25
+    assert scenes["nan"]["nodata_fraction"] == 0.125
+    # NaN becomes nodata: the tiles over it are dropped (tile.max_nodata) or masked, never NaN
+    sets = [x for o in [*tiny_overrides(tmp_path), "tile.max_nodata=0.6"] for x in ("--set", o)]
+    cmd = [TILEPIPE, "tile", "--params", str(ROOT / "params.yaml"), *sets, "--scenes", str(out)]
+    tiles = tmp_path / "tiles"
+    result = subprocess.run([*cmd, "--out", str(tiles)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    store = SceneTiles(tiles / "nan")
+    images = np.stack([store.image(i) for i in range(len(store))])
+    assert np.isfinite(images).all() and len(store) == 16  # 64 x 64 px in 16 px tiles, none dropped
+    top = [i for i in range(16) if store.index["tiles"]["row"][i] == 0]  # half NaN, half valid
+    labels = np.stack([store.label(i) for i in top])
+    assert (labels[:, :8] == IGNORE).all() and (labels[:, 8:] != IGNORE).all()
+    assert (images[top][:, :, :8] == 0).all() and (images[top][:, :, 8:] > 0).any()
 
 
 @pytest.mark.parametrize(
