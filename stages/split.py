@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import write_json
 from tilepipe.geo.scenes import read_scene_records
 from tilepipe.params import Params
-from tilepipe.tiles.splitting import SPLITS, assign_members, count_split, print_summary
+from tilepipe.tiles.splitting import SPLITS, assign_members, class_warnings, count_split, print_summary
 from tilepipe.tiles.store import read_index
 
 
@@ -34,4 +35,6 @@ def split(params: Params, scenes_json: Path, tiles_dir: Path, out: Path) -> dict
     }
     write_json(out, result)
     print_summary(result, params.data.class_names)
+    for warning in class_warnings(counts, params.data.class_names):
+        print(f"warning: {scenes_json}: {warning}", file=sys.stderr)
     return result

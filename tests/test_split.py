@@ -94,3 +94,20 @@ def test_spatial_blocks_opt_in_keeps_a_buffer(tmp_path):
             if a < b:
                 gap = np.abs(where[a][:, None, :] - where[b][None, :, :]).max(axis=2)
                 assert gap.min() > 1, f"{a} and {b} tiles closer than the buffer"
+
+
+def test_classes_the_training_split_lacks_are_named(tmp_path, capsys):
+    from tilepipe.tiles.splitting import class_warnings, print_summary
+
+    names = ["background", "center_pivot", "road"]
+    shares = {"train": (1.0, 0.0, 0.0), "val": (1.0, 0.0, 0.0), "test": (0.9, 0.0, 0.1)}
+    counts = {
+        split: {"scenes": 1, "tiles": 9, "class_fraction": dict(zip(names, values, strict=True))}
+        for split, values in shares.items()
+    }
+    warnings = class_warnings(counts, names)
+    assert warnings[0].startswith("class(es) center_pivot, road have no labelled pixel in the training split")
+    assert warnings[1].startswith("class(es) road are in the test split only")
+    print_summary({"mode": "scenes", "counts": counts}, names)
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == ["split", "scenes", "tiles", "background", "center_pivot", "road"]  # not cut to 8

@@ -108,9 +108,29 @@ def count_split(
 
 
 def print_summary(result: dict[str, Any], class_names: list[str]) -> None:
-    """Print scenes, tiles and class balance per split."""
+    """Print scenes, tiles and class balance per split (class names in full)."""
+    widths = [max(8, len(c)) for c in class_names]
     print(f"split ({result['mode']}):")
-    print(f"  {'split':<6} {'scenes':>6} {'tiles':>8}  " + " ".join(f"{c[:8]:>8}" for c in class_names))
+    header = " ".join(f"{c:>{w}}" for c, w in zip(class_names, widths, strict=True))
+    print(f"  {'split':<6} {'scenes':>6} {'tiles':>8}  {header}")
     for name, c in result["counts"].items():
-        shares = " ".join(f"{c['class_fraction'][k]:>8.1%}" for k in class_names)
+        fractions = zip((c["class_fraction"][k] for k in class_names), widths, strict=True)
+        shares = " ".join(f"{share:>{w}.1%}" for share, w in fractions)
         print(f"  {name:<6} {c['scenes']:>6} {c['tiles']:>8}  {shares}")
+
+
+def class_warnings(counts: dict[str, Any], class_names: list[str]) -> list[str]:
+    """Classes the model cannot learn (none in training) or that only the test split holds."""
+    absent = [c for c in class_names if counts["train"]["class_fraction"][c] == 0]
+    warnings = []
+    if absent:
+        warnings.append(
+            f"class(es) {', '.join(absent)} have no labelled pixel in the training split: the model "
+            "cannot learn them (add scenes that hold them, or pin a scene to train with the catalog's "
+            "split column)"
+        )
+    test_only = [c for c in absent if counts["test"]["class_fraction"][c] > 0]
+    if test_only:
+        names = ", ".join(test_only)
+        warnings.append(f"class(es) {names} are in the test split only: their test scores will be 0")
+    return warnings
