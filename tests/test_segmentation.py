@@ -51,6 +51,9 @@ def test_segmentation_trains_evaluates_and_maps_whole_scenes(prepared, monkeypat
     saved = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert set(saved["per_class"]) == set(CLASSES) and all("iou" in c for c in saved["per_class"].values())
+    trained = json.loads((tmp_path / "models" / "train.json").read_text())["train_class_counts"]
+    assert [saved["per_class"][c]["train_examples"] for c in CLASSES] == trained  # labelled pixels
+    assert "trained on" in (tmp_path / "metrics" / "report.txt").read_text()
     assert sum(c["support"] for c in saved["per_class"].values()) == 2 * 30 * 16 * 16, (
         "every test pixel scored"
     )

@@ -99,7 +99,10 @@ def tile_metrics(scores: TileScores, classes: list[str], train_counts: np.ndarra
             scene_id: round(summarize(scores.per_scene[i], classes)["accuracy"], 4)
             for i, scene_id in enumerate(scores.ref.scene_ids)
         },
-        "per_class": summary["per_class"],
+        "per_class": {  # with what training had of each class: tiles, or pixels for segmentation
+            name: {**scores, "train_examples": int(train_counts[i])}
+            for i, (name, scores) in enumerate(summary["per_class"].items())
+        },
     }
 
 
@@ -162,12 +165,14 @@ def small_test_warnings(metrics: dict[str, Any], params: Params) -> list[str]:
 
 def class_report(metrics: dict[str, Any], classes: list[str]) -> str:
     """A plain-text per-class report."""
-    lines = [f"{'class':<12} {'precision':>9} {'recall':>9} {'f1':>9} {'iou':>9} {'support':>9}"]
+    width = max(12, *(len(name) for name in classes))
+    columns = f"{'precision':>9} {'recall':>9} {'f1':>9} {'iou':>9} {'support':>9} {'trained on':>10}"
+    lines = [f"{'class':<{width}} {columns}"]
     for name in classes:
         c = metrics["per_class"][name]
         lines.append(
-            f"{name:<12} {c['precision']:>9.3f} {c['recall']:>9.3f} {c['f1']:>9.3f} {c['iou']:>9.3f} "
-            f"{c['support']:>9}"
+            f"{name:<{width}} {c['precision']:>9.3f} {c['recall']:>9.3f} {c['f1']:>9.3f} {c['iou']:>9.3f} "
+            f"{c['support']:>9} {c.get('train_examples', ''):>10}"
         )
     lines.append(
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  mIoU {metrics['miou']:.4f}"
@@ -176,4 +181,5 @@ def class_report(metrics: dict[str, Any], classes: list[str]) -> str:
         f"majority baseline: accuracy {metrics['baseline_accuracy']:.4f}  "
         f"macro-F1 {metrics['baseline_macro_f1']:.4f}"
     )
+    lines.append("trained on: the training split's tiles of each class (labelled pixels for segmentation)")
     return "\n".join(lines) + "\n"
