@@ -73,3 +73,13 @@ def test_stages_and_paths_are_the_wiring(graph):
         assert not unknown, f"stage {name}: {unknown} not in tilepipe/wiring.py"
     stage_modules = {m.rsplit(".", 1)[1] for m in graph.find_children("tilepipe.stages")}
     assert stage_modules == {*wiring.STAGES, "study"}
+
+
+def test_every_library_module_is_under_the_layering_contract(graph):
+    """A new top-level module of tilepipe must be named in the contract that keeps the library low."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    library = next(c for c in contracts if c["name"].startswith("The library imports no stage"))
+    entry_points = {"tilepipe.cli", "tilepipe.__main__", "tilepipe.stages", "tilepipe.flows"}
+    assert graph.find_children("tilepipe") - entry_points == set(library["source_modules"])
