@@ -33,11 +33,28 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """dvc.lock and every path dvc.yaml's stages write (outs, metrics, plots): pipeline state, not code."""
+    if not dvc_yaml.is_file():
+        return []
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    paths = ["dvc.lock"]
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            paths += [next(iter(o)) if isinstance(o, dict) else str(o) for o in stage.get(kind, [])]
+    return paths
+
+
 def lineage_tags(split_json: Path) -> dict[str, str]:
-    """Git commit and dirty flag, DVC hashes of the tile and split outputs, scenes per split."""
+    """Git commit and dirty flag, DVC hashes of the tile and split outputs, scenes per split.
+
+    ``git_dirty`` is about the code and params: the outputs ``dvc repro`` is rewriting at that moment
+    (a committed ``models/history.csv`` it deleted before training, ``dvc.lock``) do not count.
+    """
+    outputs = [f":(exclude){path}" for path in pipeline_outputs()]
     tags = {
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": str(bool(_git("status", "--porcelain"))),
+        "git_dirty": str(bool(_git("status", "--porcelain", "--", ".", *outputs))),
     }
     lock = Path("dvc.lock")
     if lock.is_file():
