@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -74,33 +76,25 @@ def _tile_all(
     """Tile ``todo`` in this process or a pool; the summaries of the tiled scenes, the errors of the rest."""
     done: list[dict[str, Any]] = []
     failed: list[str] = []
+
+    def collect(summary_of: Callable[[], dict[str, Any]]) -> None:
+        try:
+            done.append(summary_of())
+        except TilepipeError as exc:
+            failed.append(str(exc))
+            return
+        _report(done[-1])
+
     if len(todo) <= 1 or params.tile.workers == 1:
         for scene in todo:
-            _collect(_outcome(lambda s=scene: _tile_or_fail(s, params, out_dir)), done, failed)
+            collect(partial(_tile_or_fail, scene, params, out_dir))
         return done, failed
     workers = min(params.tile.workers, len(todo))
     ctx, parent = get_context("spawn"), os.getpid()
     with ProcessPoolExecutor(workers, ctx, initializer=die_with_parent, initargs=(parent,)) as pool:
-        futures = [pool.submit(_tile_or_fail, s, params, out_dir) for s in todo]
-        for future in futures:
-            _collect(_outcome(future.result), done, failed)
+        for future in [pool.submit(_tile_or_fail, s, params, out_dir) for s in todo]:
+            collect(future.result)
     return done, failed
-
-
-def _outcome(call) -> dict[str, Any] | TilepipeError:
-    """The summary a tiling call returns, or the user-facing error it raised."""
-    try:
-        return call()
-    except TilepipeError as exc:
-        return exc
-
-
-def _collect(outcome: dict[str, Any] | TilepipeError, done: list, failed: list) -> None:
-    if isinstance(outcome, TilepipeError):
-        failed.append(str(outcome))
-        return
-    done.append(outcome)
-    _report(outcome)
 
 
 def _report(done: dict[str, Any]) -> None:

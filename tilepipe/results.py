@@ -44,7 +44,10 @@ def seed_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def results_markdown(metrics: dict[str, Any], seeds: dict[str, Any] | None = None) -> str:
     """Test scores of tiles and full-scene maps beside the majority baseline (and across seeds)."""
-    scores = lambda prefix: [f"{metrics[prefix + k]:.4f}" for _, k in COLUMNS]  # noqa: E731
+
+    def scores(prefix: str) -> list[str]:
+        return [f"{metrics[prefix + k]:.4f}" for _, k in COLUMNS]
+
     lines = [
         _row("held-out test scenes", [name for name, _ in COLUMNS]),
         "|---|---:|---:|---:|",
