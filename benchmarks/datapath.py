@@ -24,7 +24,7 @@ from tilepipe.stages.tile import tile
 from tilepipe.stages.split import split
 root = Path({root!r})
 p = load_params("params.yaml")
-synthesize(p.synthesize, p.data, root / "synthetic")
+synthesize(p.synthesize, root / "synthetic")
 ingest(p, root / "synthetic" / "catalog.csv", root / "scenes.json")
 tile(p, root / "scenes.json", root / "tiles")
 split(p, root / "scenes.json", root / "tiles", root / "split.json")

@@ -57,7 +57,7 @@ def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 @step(name="synthesize")
 def synthesize_task(params: Params) -> Path:
     """Write the built-in synthetic scenes and their catalog to data/synthetic."""
-    synthesize(params.synthesize, params.data, SYNTHETIC)
+    synthesize(params.synthesize, SYNTHETIC)
     return SYNTHETIC
 
 

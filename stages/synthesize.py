@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from tilepipe.fsutil import atomic_dir
-from tilepipe.params import DataParams, SynthesizeParams
-from tilepipe.synth.fields import BANDS, LIBRARY
+from tilepipe.params import SynthesizeParams
+from tilepipe.synth.fields import BANDS
 from tilepipe.synth.plan import Plan, plan_scenes
 from tilepipe.synth.scenes import write_image, write_label_geojson, write_label_raster
 
@@ -38,14 +38,13 @@ def _write_scene(plan: Plan, folder: Path, seed: int, values: np.ndarray, names:
     }
 
 
-def synthesize(params: SynthesizeParams, data: DataParams, out_dir: Path) -> dict:
-    """Write the synthetic scene collection and ``catalog.csv`` to ``out_dir`` (replaced whole)."""
-    if len(data.classes) > len(LIBRARY):
-        raise ValueError(f"synthesize: at most {len(LIBRARY)} classes, got {len(data.classes)}")
-    if any(c.value == 0 for c in data.classes):
-        raise ValueError("synthesize: class value 0 is reserved for unlabelled pixels")
-    names = data.class_names
-    values = np.array([c.value for c in data.classes], np.uint8)
+def synthesize(params: SynthesizeParams, out_dir: Path) -> dict:
+    """Write the synthetic scene collection and ``catalog.csv`` to ``out_dir`` (replaced whole).
+
+    Its classes are ``synthesize.classes`` (checked when params load), never ``data.classes``.
+    """
+    names = [c.name for c in params.classes]
+    values = np.array([c.value for c in params.classes], np.uint8)
     with atomic_dir(out_dir) as tmp:
         plans = plan_scenes(params, len(names))
         written = [_write_scene(plan, tmp, params.seed, values, names) for plan in plans]

@@ -8,11 +8,14 @@ import rasterio
 from rasterio.features import rasterize
 from rasterio.warp import Resampling, reproject, transform_geom
 
+from tests.conftest import ROOT
+from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import is_leftover
-from tilepipe.params import DataParams, SynthesizeParams
+from tilepipe.params import BUILTIN_CLASSES, SynthesizeParams, load_params
 from tilepipe.stages import synthesize as synth
 from tilepipe.synth import plan as synth_plan
 from tilepipe.synth import scenes as synth_scenes
+from tilepipe.synth.fields import LIBRARY
 
 CLASSES = [
     {"name": "water", "value": 1},
@@ -25,18 +28,14 @@ NAMES = [c["name"] for c in CLASSES]
 VALUES = [c["value"] for c in CLASSES]
 
 
-def data_params(root: Path, classes: list[dict] = CLASSES) -> DataParams:
-    return DataParams(catalog=root / "catalog.csv", imagery=root, classes=classes)
-
-
-def params(seed: int = 7, scenes: int = 4) -> SynthesizeParams:
-    return SynthesizeParams(scenes=scenes, min_size=100, max_size=160, seed=seed)
+def params(seed: int = 7, scenes: int = 4, classes: list[dict] = CLASSES) -> SynthesizeParams:
+    return SynthesizeParams(scenes=scenes, min_size=100, max_size=160, seed=seed, classes=classes)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "synthetic"
-    summary = synth.synthesize(params(), data_params(out), out)
+    summary = synth.synthesize(params(), out)
     rows = list(csv.DictReader((out / "catalog.csv").open()))
     return out, summary, rows
 
@@ -110,13 +109,13 @@ def test_bands_dtypes_and_nodata(built):
 def test_deterministic_and_seed_dependent(built, tmp_path):
     out, _, rows = built
     again = tmp_path / "again"
-    synth.synthesize(params(), data_params(again), again)
+    synth.synthesize(params(), again)
     for r in rows:
         for key in ("image", "labels"):
             assert (out / r[key]).read_bytes() == (again / r[key]).read_bytes(), r[key]
     assert (out / "catalog.csv").read_bytes() == (again / "catalog.csv").read_bytes()
     other = tmp_path / "other"
-    synth.synthesize(params(seed=8), data_params(other), other)
+    synth.synthesize(params(seed=8), other)
     assert (out / "s00.tif").read_bytes() != (other / "s00.tif").read_bytes()
 
 
@@ -188,7 +187,7 @@ def test_imagery_follows_labels(built):
 def test_custom_classes(tmp_path):
     classes = [{"name": "sea", "value": 10}, {"name": "wood", "value": 20}, {"name": "town", "value": 30}]
     out = tmp_path / "custom"
-    synth.synthesize(params(scenes=3), data_params(out, classes), out)
+    synth.synthesize(params(scenes=3, classes=classes), out)
     for r in csv.DictReader((out / "catalog.csv").open()):
         if r["labels"].endswith(".tif"):
             with rasterio.open(out / r["labels"]) as src:
@@ -198,14 +197,21 @@ def test_custom_classes(tmp_path):
             assert {f["properties"]["class"] for f in doc["features"]} <= {"sea", "wood", "town", 10, 20, 30}
 
 
-def test_rejects_too_many_classes_and_value_zero(tmp_path):
+def test_bad_builtin_classes_are_a_params_error_naming_the_key():
     six = CLASSES + [{"name": "snow", "value": 6}]
-    with pytest.raises(ValueError, match="at most 5"):
-        synth.synthesize(params(), data_params(tmp_path / "x", six), tmp_path / "x")
     zero = [{"name": "a", "value": 0}, {"name": "b", "value": 1}]
-    with pytest.raises(ValueError, match="reserved"):
-        synth.synthesize(params(), data_params(tmp_path / "x", zero), tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    for classes, words in ((six, "at most 5 classes"), (zero, "class value 0 marks unlabelled pixels")):
+        with pytest.raises(TilepipeError, match=f"--set synthesize.classes=.*: synthesize: .*{words}"):
+            load_params(ROOT / "params.yaml", [f"synthesize.classes={json.dumps(classes)}"])
+
+
+def test_the_builtin_data_ignores_the_users_classes():
+    """data.classes with 0 = background (the usual mask) neither breaks nor changes synthesize."""
+    user = [{"name": "background", "value": 0}, {"name": "road", "value": 1}]
+    overrides = [f"data.classes={json.dumps(user)}", "data.background=background"]
+    mine = load_params(ROOT / "params.yaml", overrides)
+    assert mine.synthesize == load_params(ROOT / "params.yaml").synthesize
+    assert [c.name for c in mine.synthesize.classes] == list(BUILTIN_CLASSES) == [n for n, _ in LIBRARY]
 
 
 def test_replaces_atomically(tmp_path, monkeypatch):
@@ -218,12 +224,12 @@ def test_replaces_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "write_label_geojson", boom)
     with pytest.raises(RuntimeError):
-        synth.synthesize(params(), data_params(out), out)
+        synth.synthesize(params(), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
     assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]  # old output untouched
 
     monkeypatch.undo()
-    synth.synthesize(params(), data_params(out), out)
+    synth.synthesize(params(), out)
     assert not (out / "stale.txt").exists() and (out / "catalog.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
 

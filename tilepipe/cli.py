@@ -36,7 +36,7 @@ def _path_args(sub: argparse.ArgumentParser, **paths: Path) -> None:
 def _synthesize(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.stages.synthesize import synthesize
 
-    synthesize(params.synthesize, params.data, args.out)
+    synthesize(params.synthesize, args.out)
 
 
 @command("ingest", "validate the catalog's scenes and record per-scene metadata")

@@ -76,18 +76,38 @@ class BandParams(Section):
         return scale
 
 
+BUILTIN_CLASSES = ("water", "forest", "cropland", "urban", "bare")  # the generator's land covers
+
+
+def _builtin_classes() -> list[ClassDef]:
+    return [ClassDef(name=name, value=i) for i, name in enumerate(BUILTIN_CLASSES, start=1)]
+
+
 class SynthesizeParams(Section):
-    """Size and seed of the built-in synthetic scene collection."""
+    """The built-in synthetic scene collection: its size, seed and own classes.
+
+    Its classes are the built-in data's definition, apart from ``data.classes`` (what a catalog's
+    labels hold), so a user's classes never invalidate or break this stage.
+    """
 
     scenes: int = Field(ge=3, le=200)
     min_size: int = Field(ge=64)
     max_size: int = Field(ge=64)
     seed: int
+    classes: list[ClassDef] = Field(default_factory=_builtin_classes, min_length=2)
 
     @model_validator(mode="after")
     def _sizes(self) -> SynthesizeParams:
         if self.max_size < self.min_size:
             raise ValueError("max_size must be >= min_size")
+        if len(self.classes) > len(BUILTIN_CLASSES):
+            raise ValueError(f"the generator draws at most {len(BUILTIN_CLASSES)} classes")
+        if any(c.value == 0 for c in self.classes):
+            raise ValueError("class value 0 marks unlabelled pixels in the generated label rasters")
+        if len({c.name for c in self.classes}) < len(self.classes):
+            raise ValueError("class names must be unique")
+        if len({c.value for c in self.classes}) < len(self.classes):
+            raise ValueError("class values must be unique")
         return self
 
 
