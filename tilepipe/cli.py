@@ -99,6 +99,31 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
             prefetch.close()
 
 
+@command("catalog", "check a catalog's scenes without tiling; --params proposes data: and bands: for it")
+def _catalog(params: Params, args: argparse.Namespace) -> None:
+    import yaml
+
+    from tilepipe.geo.survey import merged_params, proposed_params, scene_line, survey_catalog, write_sections
+    from tilepipe.params import read_raw, validate
+
+    scenes = survey_catalog(args.catalog)
+    for scene in scenes:
+        print(scene_line(scene))
+    if args.params is None and not args.write:
+        return
+    proposal = proposed_params(args.catalog, scenes)
+    target = args.params or Path("params.yaml")
+    if not args.write:
+        print(f"# for {target}: data: and bands: sections that fit {args.catalog}")
+        print(yaml.safe_dump(proposal, sort_keys=False, default_flow_style=None, width=100), end="")
+        return
+    merged = merged_params(read_raw(target), proposal)
+    validate(merged, source=f"{target} with {args.catalog}'s data: and bands:")
+    write_sections(target, merged)
+    classes = len(proposal["data"]["classes"])
+    print(f"catalog: wrote the data: and bands: sections of {target} ({classes} classes)")
+
+
 @command("flow", "run the whole pipeline (or `flow study`: the scene-scaling study) as a Prefect flow")
 def _flow(params: Params, args: argparse.Namespace) -> None:
     if args.flow == "study":
@@ -176,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
-        )
+        if name != "catalog":  # there, --params [FILE] also asks for the proposed sections
+            sub.add_argument(
+                "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
+            )
         sub.add_argument(
             "--set",
             dest="overrides",
@@ -253,6 +279,14 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--sizes", type=_sizes, default=None, help="training-scene counts, e.g. 1,2,4,6"),
         s.add_argument("--repeats", type=int, default=None, help="seeded repeats (default: study.repeats)"),
     ),
+    "catalog": lambda s: (
+        s.add_argument("catalog", type=Path, help="the catalog CSV to check"),
+        s.add_argument(
+            "--params", nargs="?", type=Path, default=None, const=Path("params.yaml"), metavar="FILE",
+            help="also print data: and bands: sections for FILE (default: params.yaml) that fit the catalog",
+        ),  # fmt: skip
+        s.add_argument("--write", action="store_true", help="merge those sections into the params file"),
+    ),
     "flow": lambda s: s.add_argument(
         "flow", nargs="?", choices=["pipeline", "study"], default="pipeline", help="(default: pipeline)"
     ),
@@ -277,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="rasterio")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params or Path("params.yaml"), args.overrides)
         configure_process(params, args.command)
         COMMANDS[args.command][1](params, args)
     except TilepipeError as exc:
