@@ -6,11 +6,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import yaml
 from rasterio.transform import from_origin
 
 from tilepipe.params import load_params
@@ -51,6 +53,29 @@ def write_raster(
         for i, name in enumerate(descriptions or []):
             dst.set_band_description(i + 1, name)
     return path
+
+
+def dvc_project(tmp_path: Path, changes: dict[str, dict]) -> tuple[Path, dict[str, str]]:
+    """A git repository at tmp_path/repo holding a copy of the project, ``changes`` merged into the
+    sections of its params.yaml and committed; returns it and the environment to run tools in."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_repo(repo)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        raw[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }  # fmt: skip
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        git = ["git", "-c", "init.defaultBranch=main", *args]
+        subprocess.run(git, cwd=repo, env=env, check=True, capture_output=True)
+    return repo, env
 
 
 def cut_pixel_data(path: Path, keep: float = 0.6) -> Path:

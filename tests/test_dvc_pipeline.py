@@ -1,6 +1,5 @@
 """End to end: `dvc repro` on a copy of the repository with tiny params, then push and pull."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo
+from tests.conftest import dvc_project
 
 BIN = Path(sys.executable).parent
 TINY = {
@@ -26,32 +25,10 @@ def _run(args, cwd, env, check=True):
     return result
 
 
-def _merge(raw: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        raw[key] = _merge(raw.get(key, {}), value) if isinstance(value, dict) else value
-    return raw
-
-
 @pytest.mark.xdist_group("dvc")
 def test_dvc_repro_is_complete_idempotent_and_restorable(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_repo(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
+    repo, env = dvc_project(tmp_path, TINY)
     git = ["git", "-c", "init.defaultBranch=main"]
-    _run([*git, "init", "-q"], repo, env)
-    _run([*git, "add", "-A"], repo, env)
-    _run([*git, "commit", "-qm", "copy"], repo, env)
 
     first = _run(["dvc", "repro"], repo, env)
     assert "Running stage 'tile'" in first.stdout

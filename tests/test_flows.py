@@ -19,7 +19,6 @@ from uuid import UUID
 import numpy as np
 import pytest
 import rasterio
-import yaml
 from prefect import State, flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -37,8 +36,8 @@ from rasterio.errors import RasterioError
 import tilepipe.flows.pipeline as pipeline_module
 from tests.conftest import (
     ROOT,
-    copy_repo,
     cut_pixel_data,
+    dvc_project,
     tiny_overrides,
     write_catalog,
     write_raster,
@@ -456,23 +455,7 @@ def _weights(path: Path) -> tuple[dict, dict]:
 
 
 def test_flow_matches_dvc_repro_and_leaves_dvc_up_to_date(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_repo(repo)
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY_YAML.items():
-        raw[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    }  # fmt: skip
-    _sh(["git", "-c", "init.defaultBranch=main", "init", "-q"], repo, env)
-    _sh(["git", "add", "-A"], repo, env)
-    _sh(["git", "commit", "-qm", "copy"], repo, env)
+    repo, env = dvc_project(tmp_path, TINY_YAML)
 
     assert "Running stage 'tile'" in _sh(["dvc", "repro"], repo, env).stdout
     reference = _outputs(repo)

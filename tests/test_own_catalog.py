@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from rasterio.transform import from_origin
 
-from tests.conftest import ROOT, copy_repo, write_geojson, write_raster
+from tests.conftest import ROOT, dvc_project, write_geojson, write_raster
 
 BIN = Path(sys.executable).parent
 TINY = {  # the built-in data made small (as a first `make run` would have cached it) and a short training
@@ -59,24 +58,7 @@ def own_imagery(folder: Path) -> None:
 
 @pytest.mark.xdist_group("dvc")
 def test_the_readme_recipe_runs_the_users_stages_only(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_repo(repo)
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        raw[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    }  # fmt: skip
-    git = ["git", "-c", "init.defaultBranch=main"]
-    _run([*git, "init", "-q"], repo, env)
-    _run([*git, "add", "-A"], repo, env)
-    _run([*git, "commit", "-qm", "copy"], repo, env)
+    repo, env = dvc_project(tmp_path, TINY)
     _run(["dvc", "repro", "synthesize"], repo, env)  # what the first `make run` left in the cache
 
     # The recipe, as the README gives it:
