@@ -118,7 +118,7 @@ def _catalog(params: Params, args: argparse.Namespace) -> None:
         print(yaml.safe_dump(proposal, sort_keys=False, default_flow_style=None, width=100), end="")
         return
     merged = merged_params(read_raw(target), proposal)
-    validate(merged, source=f"{target} with {args.catalog}'s data: and bands:")
+    validate(merged, source=f"{target} (with the sections proposed for {args.catalog})")
     write_sections(target, merged)
     classes = len(proposal["data"]["classes"])
     print(f"catalog: wrote the data: and bands: sections of {target} ({classes} classes)")
