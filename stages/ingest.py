@@ -22,7 +22,7 @@ def _warn(message: str) -> None:
 
 def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
     """Validate the catalog's scenes and write the normalised catalog (JSON) to ``out``."""
-    rows = read_catalog(catalog)
+    rows = read_catalog(catalog, params.data.stac.image_asset, params.data.stac.labels_asset)
     scenes, skipped = [], []
     with gdal_env(params.tile.gdal_cache_mb):
         for row in rows:
@@ -30,6 +30,8 @@ def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
                 scenes.append(inspect_scene(row, params, warn=_warn))
             except (TilepipeError, RasterioError) as exc:
                 message = str(exc) if isinstance(exc, TilepipeError) else f"{row.image}: {exc}"
+                if row.origin and not message.startswith(row.origin):
+                    message = f"{row.origin}: {message}"
                 if params.ingest.on_error == "fail":
                     raise TilepipeError(message) from None
                 print(f"warning: skipping scene {row.scene_id}: {message}", file=sys.stderr)

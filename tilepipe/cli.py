@@ -99,16 +99,27 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
             prefetch.close()
 
 
-@command("catalog", "check a catalog's scenes without tiling; --params proposes data: and bands: for it")
+@command("catalog", "check a CSV or STAC catalog's scenes without tiling; --params proposes data: and bands:")
 def _catalog(params: Params, args: argparse.Namespace) -> None:
     import yaml
 
-    from tilepipe.geo.survey import merged_params, proposed_params, scene_line, survey_catalog, write_sections
+    from tilepipe.geo.survey import (
+        merged_params,
+        proposed_params,
+        scene_line,
+        survey_catalog,
+        write_csv,
+        write_sections,
+    )
     from tilepipe.params import read_raw, validate
 
-    scenes = survey_catalog(args.catalog)
+    found = survey_catalog(args.catalog, params.data.stac.image_asset, params.data.stac.labels_asset)
+    scenes = [survey for _, survey in found]
     for scene in scenes:
         print(scene_line(scene))
+    if args.to_csv is not None:
+        write_csv(found, args.to_csv)
+        print(f"catalog: wrote {args.to_csv} ({len(found)} scenes)")
     if args.params is None and not args.write:
         return
     proposal = proposed_params(args.catalog, scenes)
@@ -280,7 +291,10 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--repeats", type=int, default=None, help="seeded repeats (default: study.repeats)"),
     ),
     "catalog": lambda s: (
-        s.add_argument("catalog", type=Path, help="the catalog CSV to check"),
+        s.add_argument("catalog", type=Path, help="the catalog: a CSV, or a STAC catalog, collection or item "
+                       "collection (JSON)"),
+        s.add_argument("--to-csv", type=Path, default=None, metavar="OUT.csv",
+                       help="also write the equivalent CSV catalog (paths relative to it)"),
         s.add_argument(
             "--params", nargs="?", type=Path, default=None, const=Path("params.yaml"), metavar="FILE",
             help="also print data: and bands: sections for FILE (default: params.yaml) that fit the catalog",

@@ -27,13 +27,21 @@ class ClassDef(Section):
     value: int = Field(ge=0, le=254)
 
 
+class StacParams(Section):
+    """Which asset of a STAC item is the image and which the labels (None: by role, data / labels)."""
+
+    image_asset: str | None = None
+    labels_asset: str | None = None
+
+
 class DataParams(Section):
-    """Where the scene catalog lives and which classes its labels hold."""
+    """Where the scene catalog (CSV or STAC) lives and which classes its labels hold."""
 
     catalog: Path
     imagery: Path
     classes: list[ClassDef] = Field(min_length=2)
     background: str = "ignore"
+    stac: StacParams = StacParams()
 
     @model_validator(mode="after")
     def _check_classes(self) -> DataParams:

@@ -1,38 +1,36 @@
-"""The scene catalog contract: a CSV with scene_id,image,labels[,split][,bands]."""
+"""The scene catalog contract: a CSV with scene_id,image,labels[,split][,bands], or a STAC catalog."""
 
 from __future__ import annotations
 
 import csv
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
+from tilepipe.geo.scene_row import SCENE_ID, SPLITS, CatalogRow, naming_origin
+from tilepipe.geo.stac import read_stac
 
-SCENE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+__all__ = ["CatalogRow", "naming_origin", "read_catalog", "SPLITS"]
 
 REQUIRED = ("scene_id", "image", "labels")
 OPTIONAL = ("split", "bands")
-SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class CatalogRow:
-    """One scene as the catalog names it; paths are resolved against the CSV's folder."""
-
-    scene_id: str
-    image: Path
-    labels: Path
-    split: str | None
-    bands: str | None
+def is_stac(path: Path) -> bool:
+    """True when the catalog file is JSON (a STAC Catalog, Collection or ItemCollection), not a CSV."""
+    with open(path, "rb") as fh:
+        return fh.read(256).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
 
 
-def read_catalog(path: Path | str) -> list[CatalogRow]:
-    """Read and check the catalog CSV; any problem is one error naming the file."""
+def read_catalog(
+    path: Path | str, image_asset: str | None = None, labels_asset: str | None = None
+) -> list[CatalogRow]:
+    """Read and check a CSV or STAC catalog; any problem is one error naming the file."""
     path = Path(path)
     if problem := input_problem(path, missing="catalog not found"):
         raise bad_file(path, problem)
+    if is_stac(path):
+        return read_stac(path, image_asset, labels_asset)
     try:
         return _check_rows(path, _read_rows(path))
     except UnicodeDecodeError as exc:

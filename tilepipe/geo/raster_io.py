@@ -1,4 +1,4 @@
-"""Raster I/O shared by the library: GDAL settings, band lookup by name, scaling, aligned grids."""
+"""Raster I/O shared by the library: GDAL settings, opening, scaling, aligned grids (bands: geo.bands)."""
 
 from __future__ import annotations
 
@@ -51,45 +51,6 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
     except RasterioError as exc:
         reason = str(exc).split("\n")[0]
         raise bad_file(path, f"not a readable raster ({reason})") from None
-
-
-def parse_band_mapping(text: str | None, path: Path | str) -> dict[str, int]:
-    """Parse a catalog band mapping such as ``red=3;green=2;blue=1``."""
-    if not text or not str(text).strip():
-        return {}
-    mapping: dict[str, int] = {}
-    for part in str(text).split(";"):
-        name, sep, index = part.partition("=")
-        if not sep or not index.strip().isdigit() or not name.strip():
-            raise bad_file(path, f"bad band mapping {text!r}: expected e.g. red=3;green=2;blue=1")
-        mapping[name.strip().lower()] = int(index)
-    return mapping
-
-
-def band_names(src: rasterio.io.DatasetReader, mapping: dict[str, int]) -> dict[str, int]:
-    """Name -> 1-based band index, from the catalog mapping or else the band descriptions."""
-    if mapping:
-        for name, index in mapping.items():
-            if not 1 <= index <= src.count:
-                raise bad_file(src.name, f"band mapping {name}={index} but file has {src.count} band(s)")
-        return dict(mapping)
-    named = {d.strip().lower(): i + 1 for i, d in enumerate(src.descriptions) if d and d.strip()}
-    return named
-
-
-def resolve_bands(src: rasterio.io.DatasetReader, mapping: dict[str, int], wanted: list[str]) -> list[int]:
-    """Band indexes for the wanted band names, or a clear error saying which band is missing."""
-    names = band_names(src, mapping)
-    if not names:
-        raise bad_file(
-            src.name,
-            "bands carry no names (no band descriptions) and the catalog gives no `bands` mapping, "
-            "e.g. red=3;green=2;blue=1",
-        )
-    missing = [w for w in wanted if w not in names]
-    if missing:
-        raise bad_file(src.name, f"lacks band(s) {', '.join(missing)} (has {', '.join(names)})")
-    return [names[w] for w in wanted]
 
 
 def scale_to_unit(data: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:

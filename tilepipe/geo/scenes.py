@@ -12,18 +12,12 @@ import numpy as np
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 
-from tilepipe.errors import bad_file
+from tilepipe.errors import TilepipeError, bad_file
 from tilepipe.fsutil import file_sha256, input_problem, relative_to_cwd
-from tilepipe.geo.catalog import CatalogRow
+from tilepipe.geo.bands import band_names, parse_band_mapping, resolve_bands
+from tilepipe.geo.catalog import CatalogRow, naming_origin
 from tilepipe.geo.labels import is_geojson, label_bounds_in
-from tilepipe.geo.raster_io import (
-    band_names,
-    check_georeferenced,
-    ground_resolution,
-    open_raster,
-    parse_band_mapping,
-    resolve_bands,
-)
+from tilepipe.geo.raster_io import check_georeferenced, ground_resolution, open_raster
 from tilepipe.params import Params
 
 MAX_PIXELS = 10**12  # beyond this a header is taken to lie about the size
@@ -55,6 +49,8 @@ class SceneRecord:
     nodata_fraction: float
     image_sha256: str
     labels_sha256: str
+    datetime: str | None = None  # acquisition time, when the catalog (STAC) gives it
+    origin: str | None = None  # the STAC item that names the scene
 
     @property
     def band_mapping(self) -> dict[str, int]:
@@ -68,7 +64,7 @@ class SceneRecord:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SceneRecord:
         """A record read back from ``scenes.json`` (unknown keys are ignored)."""
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def read_scene_records(scenes_json: Path | str) -> list[SceneRecord]:
@@ -126,11 +122,31 @@ def _pixel_warnings(src, path: Path, not_finite: float) -> list[str]:
     return warnings
 
 
+def _check_label_classes(row: CatalogRow, params: Params) -> None:
+    """Every class a STAC item's ``label:classes`` lists must be one of ``data.classes``."""
+    names = {c.name for c in params.data.classes}
+    values = {c.value for c in params.data.classes}
+    for label in row.label_classes or ():
+        text = str(label)
+        if not (label in names or (text.isdigit() and int(text) in values)):
+            raise TilepipeError(
+                f"label:classes lists class {label!r}, which data.classes does not define "
+                f"({', '.join(f'{c.name}={c.value}' for c in params.data.classes)})"
+            )
+
+
 def inspect_scene(row: CatalogRow, params: Params, warn: Callable[[str], None] = print) -> SceneRecord:
     """Validate one scene and its labels; return its metadata record or raise a one-line error.
 
-    What is usable but suspicious goes to ``warn``, one line each, naming the file.
+    What is usable but suspicious goes to ``warn``, one line each, naming the file. A problem with
+    a STAC item's files names the item's JSON file too.
     """
+    with naming_origin(row):
+        _check_label_classes(row, params)
+        return _inspect(row, params, warn)
+
+
+def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> SceneRecord:
     if problem := input_problem(row.labels, missing="label file not found"):
         raise bad_file(row.labels, problem)
     with open_raster(row.image) as src:
@@ -143,7 +159,7 @@ def inspect_scene(row: CatalogRow, params: Params, warn: Callable[[str], None] =
                 row.image, f"dtype {dtype} is not supported (supported: {', '.join(params.bands.scale)})"
             )
         mapping = parse_band_mapping(row.bands, row.image)
-        indexes = resolve_bands(src, mapping, params.bands.input)
+        indexes = resolve_bands(src, mapping, params.bands.input, row.band_labels, row.sensor)
         try:
             nodata_fraction, not_finite = _nodata_fraction(src, SAMPLE_BLOCKS)
             if nodata_fraction >= 1.0:
@@ -162,7 +178,7 @@ def inspect_scene(row: CatalogRow, params: Params, warn: Callable[[str], None] =
             labels=relative_to_cwd(row.labels),
             labels_kind="geojson" if is_geojson(row.labels) else "raster",
             split=row.split,
-            bands=band_names(src, mapping),
+            bands=band_names(src, mapping, row.band_labels, row.sensor),
             input_bands=dict(zip(params.bands.input, indexes, strict=True)),
             width=src.width,
             height=src.height,
@@ -177,4 +193,6 @@ def inspect_scene(row: CatalogRow, params: Params, warn: Callable[[str], None] =
             nodata_fraction=round(nodata_fraction, 4),
             image_sha256=file_sha256(row.image),
             labels_sha256=file_sha256(row.labels),
+            datetime=row.datetime,
+            origin=row.origin,
         )

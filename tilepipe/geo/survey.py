@@ -6,7 +6,10 @@ and ``bands:`` sections of params.yaml from what it found. Rasters are read bloc
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from tilepipe.errors import bad_file
-from tilepipe.fsutil import input_problem, relative_to_cwd
-from tilepipe.geo.catalog import CatalogRow, read_catalog
+from tilepipe.fsutil import input_problem, relative_to_cwd, write_text
+from tilepipe.geo.bands import band_names, parse_band_mapping
+from tilepipe.geo.catalog import CatalogRow, naming_origin, read_catalog
 from tilepipe.geo.labels import is_geojson
-from tilepipe.geo.raster_io import band_names, ground_resolution, open_raster, parse_band_mapping
+from tilepipe.geo.raster_io import ground_resolution, open_raster
 
 SAMPLE_BLOCKS = 64  # image blocks read per scene for the value range
 
@@ -32,6 +36,7 @@ class SceneSurvey:
     crs: str
     gsd_m: float
     bands: list[str]
+    band_indexes: list[int]
     dtype: str
     low: float
     high: float
@@ -84,10 +89,15 @@ def _geojson_classes(path: Path) -> Counter:
 
 def survey_scene(row: CatalogRow) -> SceneSurvey:
     """Read one scene's metadata, value range and label classes (a one-line error if unreadable)."""
+    with naming_origin(row):
+        return _survey(row)
+
+
+def _survey(row: CatalogRow) -> SceneSurvey:
     if problem := input_problem(row.labels, missing="label file not found"):
         raise bad_file(row.labels, problem)
     with open_raster(row.image) as src:
-        names = band_names(src, parse_band_mapping(row.bands, row.image))
+        names = band_names(src, parse_band_mapping(row.bands, row.image), row.band_labels, row.sensor)
         low, high = _value_range(src)
         survey = SceneSurvey(
             scene_id=row.scene_id,
@@ -95,6 +105,7 @@ def survey_scene(row: CatalogRow) -> SceneSurvey:
             crs=src.crs.to_string() if src.crs else "none",
             gsd_m=round(ground_resolution(src), 3) if src.crs else float("nan"),
             bands=list(names) or [f"band{i}" for i in range(1, src.count + 1)],
+            band_indexes=list(names.values()) or list(range(1, src.count + 1)),
             dtype=src.dtypes[0],
             low=low,
             high=high,
@@ -105,9 +116,25 @@ def survey_scene(row: CatalogRow) -> SceneSurvey:
     return survey
 
 
-def survey_catalog(path: Path) -> list[SceneSurvey]:
-    """Every scene of a catalog, surveyed."""
-    return [survey_scene(row) for row in read_catalog(path)]
+def survey_catalog(
+    path: Path, image_asset: str | None = None, labels_asset: str | None = None
+) -> list[tuple[CatalogRow, SceneSurvey]]:
+    """Every scene of a catalog (CSV or STAC), with what a survey found."""
+    return [(row, survey_scene(row)) for row in read_catalog(path, image_asset, labels_asset)]
+
+
+def write_csv(rows: list[tuple[CatalogRow, SceneSurvey]], out: Path) -> None:
+    """The CSV catalog equivalent to a STAC one: paths relative to the CSV, band names as a mapping."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["scene_id", "image", "labels", "split", "bands"])
+    base = Path(out).resolve().parent
+    for row, survey in rows:
+        named = [f"{n}={i}" for n, i in zip(survey.bands, survey.band_indexes, strict=True)]
+        paths = [Path(os.path.relpath(Path(p).resolve(), base)).as_posix() for p in (row.image, row.labels)]
+        mapping = ";".join(named) if row.bands or row.band_labels else ""  # the file's own names need none
+        writer.writerow([row.scene_id, *paths, row.split or "", mapping])
+    write_text(out, buffer.getvalue())
 
 
 def scene_line(s: SceneSurvey) -> str:
@@ -162,8 +189,6 @@ def merged_params(raw: dict[str, Any], proposed: dict[str, Any]) -> dict[str, An
 def write_sections(path: Path, merged: dict[str, Any], keys: tuple[str, ...] = ("data", "bands")) -> None:
     """Rewrite the top-level ``keys`` blocks of a params file; every other line stays as it was."""
     import yaml
-
-    from tilepipe.fsutil import write_text
 
     lines = Path(path).read_text().splitlines(keepends=True)
     for key in keys:

@@ -12,15 +12,14 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 
 from tilepipe.errors import bad_file
+from tilepipe.geo.bands import parse_band_mapping, resolve_bands
 from tilepipe.geo.raster_io import (
     Grid,
     aligned,
     check_georeferenced,
     ground_resolution,
     open_raster,
-    parse_band_mapping,
     read_padded,
-    resolve_bands,
     scale_to_unit,
     target_grid,
 )
