@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
+from tilepipe.geo.remote import beside
 from tilepipe.geo.scene_row import SCENE_ID, SPLITS, CatalogRow, naming_origin
 from tilepipe.geo.stac import read_stac
 
@@ -87,8 +88,8 @@ def _check_rows(path: Path, rows: list[dict[str, str]]) -> list[CatalogRow]:
         out.append(
             CatalogRow(
                 scene_id=scene_id,
-                image=base / row["image"],
-                labels=base / row["labels"],
+                image=beside(base, row["image"]),
+                labels=beside(base, row["labels"]),
                 split=split,
                 bands=row.get("bands") or None,
             )

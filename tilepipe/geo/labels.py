@@ -17,6 +17,7 @@ from rasterio.windows import Window
 
 from tilepipe.errors import bad_file
 from tilepipe.geo.raster_io import Grid, aligned, check_georeferenced, is_native, open_raster, read_padded
+from tilepipe.geo.remote import is_remote, read_remote_bytes
 from tilepipe.params import DataParams
 
 IGNORE = 255  # class index stored for unlabelled / nodata pixels in the tile store
@@ -74,7 +75,7 @@ def _geojson_crs(doc: dict[str, Any], path: Path) -> CRS:
 def load_polygons(path: Path, data: DataParams) -> tuple[list[tuple[dict, int]], CRS]:
     """Read and validate GeoJSON labels: [(geometry, class index)] in the file's CRS."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(read_remote_bytes(path) if is_remote(path) else Path(path).read_bytes())
     except FileNotFoundError:
         raise bad_file(path, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

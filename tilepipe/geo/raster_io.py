@@ -24,6 +24,7 @@ from rasterio.windows import Window
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
+from tilepipe.geo.remote import gdal_cloud_options, is_remote, remote_stat, shown
 
 T = TypeVar("T")
 
@@ -34,13 +35,18 @@ _SIMPLE_MASKS = ([MaskFlags.nodata], _ALL_VALID)
 
 @contextmanager
 def gdal_env(cache_mb: int = 64) -> Iterator[None]:
-    """GDAL settings for one process: a capped block cache (the default takes 5% of RAM)."""
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    """GDAL settings for one process: a capped block cache (the default takes 5% of RAM).
+
+    With them, the settings for reading scenes from object storage or HTTP (remote.gdal_cloud_options).
+    """
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb, **gdal_cloud_options()):
         yield
 
 
 def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
-    """Open a raster or fail with one line naming the file and the problem."""
+    """Open a raster (a local file, or an s3:// / https:// URI) or fail with one line naming it."""
+    if is_remote(path):
+        return _open_remote(str(path))
     path = Path(path)
     if problem := input_problem(path):
         raise bad_file(path, problem)
@@ -51,6 +57,16 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
     except RasterioError as exc:
         reason = str(exc).split("\n")[0]
         raise bad_file(path, f"not a readable raster ({reason})") from None
+
+
+def _open_remote(uri: str) -> rasterio.io.DatasetReader:
+    """Open a remote raster through GDAL's /vsis3/ or /vsicurl/; a failure says why, naming the URI."""
+    try:
+        return rasterio.open(uri)
+    except RasterioError as exc:
+        remote_stat(uri)  # a missing object, a denied bucket or a silent endpoint: said as such
+        reason = str(exc).split("\n")[0].replace(uri, shown(uri))
+        raise bad_file(shown(uri), f"not a readable raster ({reason})") from None
 
 
 def scale_to_unit(data: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:

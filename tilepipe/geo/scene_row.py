@@ -23,8 +23,8 @@ class CatalogRow:
     """
 
     scene_id: str
-    image: Path
-    labels: Path
+    image: Path | str  # a local file, or an s3:// / https:// URI
+    labels: Path | str
     split: str | None
     bands: str | None
     band_labels: tuple[str | None, ...] | None = None

@@ -18,6 +18,7 @@ from tilepipe.geo.bands import band_names, parse_band_mapping, resolve_bands
 from tilepipe.geo.catalog import CatalogRow, naming_origin
 from tilepipe.geo.labels import is_geojson, label_bounds_in
 from tilepipe.geo.raster_io import check_georeferenced, ground_resolution, open_raster
+from tilepipe.geo.remote import is_remote, remote_stat
 from tilepipe.params import Params
 
 MAX_PIXELS = 10**12  # beyond this a header is taken to lie about the size
@@ -146,8 +147,20 @@ def inspect_scene(row: CatalogRow, params: Params, warn: Callable[[str], None] =
         return _inspect(row, params, warn)
 
 
+def _fingerprint(location: Path | str) -> str:
+    """SHA-256 of a local file; ETag, size and last-modified of a remote one (geo.remote)."""
+    return remote_stat(location).fingerprint if is_remote(location) else file_sha256(location)
+
+
+def _recorded(location: Path | str) -> str:
+    """How scenes.json names a file: a URI as it is, a local path relative to the working directory."""
+    return location if is_remote(location) else relative_to_cwd(location)
+
+
 def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> SceneRecord:
-    if problem := input_problem(row.labels, missing="label file not found"):
+    if is_remote(row.labels):
+        remote_stat(row.labels)
+    elif problem := input_problem(row.labels, missing="label file not found"):
         raise bad_file(row.labels, problem)
     with open_raster(row.image) as src:
         check_georeferenced(src)
@@ -171,11 +184,11 @@ def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> Sc
         left, bottom, right, top = label_bounds_in(row.labels, params.data, src.crs)
         img = src.bounds
         if left >= img.right or right <= img.left or bottom >= img.top or top <= img.bottom:
-            raise bad_file(row.labels, f"labels do not overlap their image {row.image.name}")
+            raise bad_file(row.labels, f"labels do not overlap their image {Path(str(row.image)).name}")
         return SceneRecord(
             scene_id=row.scene_id,
-            image=relative_to_cwd(row.image),
-            labels=relative_to_cwd(row.labels),
+            image=_recorded(row.image),
+            labels=_recorded(row.labels),
             labels_kind="geojson" if is_geojson(row.labels) else "raster",
             split=row.split,
             bands=band_names(src, mapping, row.band_labels, row.sensor),
@@ -191,8 +204,8 @@ def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> Sc
             dtype=dtype,
             nodata=None if src.nodata is None or np.isnan(src.nodata) else src.nodata,
             nodata_fraction=round(nodata_fraction, 4),
-            image_sha256=file_sha256(row.image),
-            labels_sha256=file_sha256(row.labels),
+            image_sha256=_fingerprint(row.image),  # a remote file: etag:...;size:...;modified:...
+            labels_sha256=_fingerprint(row.labels),
             datetime=row.datetime,
             origin=row.origin,
         )

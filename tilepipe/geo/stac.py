@@ -19,6 +19,7 @@ import pystac
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
 from tilepipe.geo.bands import sensor_from
+from tilepipe.geo.remote import is_remote, shown
 from tilepipe.geo.scene_row import SCENE_ID, SPLITS, CatalogRow
 
 LINK_RELS = ("child", "item")
@@ -43,7 +44,7 @@ def _load_json(path: Path, referrer: Path | None = None, rel: str = "") -> dict[
 def _local(href: str, base: Path, where: Path, what: str) -> Path:
     """A local file named by an href: relative ones resolve against ``base`` (the JSON's folder)."""
     if "://" in href or href.startswith("/vsi"):
-        raise bad_file(where, f"{what} {href} is not a local file (remote hrefs: docs/catalogs.md)")
+        raise bad_file(where, f"{what} {shown(href)}: links between STAC files must be local files")
     return Path(os.path.normpath(base / href))  # an absolute href stays itself
 
 
@@ -69,7 +70,7 @@ def _walk(path: Path, raw: dict[str, Any], seen: set[Path]) -> Iterator[tuple[di
         raise bad_file(path, f"not a STAC Catalog, Collection, Item or ItemCollection (type {kind!r})")
 
 
-def _asset(item: pystac.Item, source: Path, role: str, key: str | None) -> tuple[str, Path]:
+def _asset(item: pystac.Item, source: Path, role: str, key: str | None) -> tuple[str, Path | str]:
     """The item's asset named ``key``, else its one asset with ``role``; checked to exist locally."""
     where = f"item {item.id}"
     if key is not None:
@@ -93,6 +94,8 @@ def _asset(item: pystac.Item, source: Path, role: str, key: str | None) -> tuple
                 source, f"{where} has several assets with role {role!r} ({several}): set data.stac.{setting}"
             )
     href = item.assets[chosen[0]].href
+    if is_remote(href):  # read through GDAL; ingest checks that it answers
+        return chosen[0], href
     path = _local(href, source.parent, source, f"{where}: asset {chosen[0]!r} href")
     if problem := input_problem(path):
         raise bad_file(source, f"{where}: asset {chosen[0]!r} ({href}): {problem}")

@@ -22,7 +22,8 @@ from tilepipe.fsutil import input_problem, relative_to_cwd, write_text
 from tilepipe.geo.bands import band_names, parse_band_mapping
 from tilepipe.geo.catalog import CatalogRow, naming_origin, read_catalog
 from tilepipe.geo.labels import is_geojson
-from tilepipe.geo.raster_io import ground_resolution, open_raster
+from tilepipe.geo.raster_io import gdal_env, ground_resolution, open_raster
+from tilepipe.geo.remote import is_remote, read_remote_bytes, remote_stat
 
 SAMPLE_BLOCKS = 64  # image blocks read per scene for the value range
 
@@ -75,7 +76,8 @@ def _raster_classes(path: Path) -> Counter:
 def _geojson_classes(path: Path) -> Counter:
     """Features per ``class`` value of a GeoJSON label file."""
     try:
-        features = json.loads(path.read_text()).get("features") or []
+        raw = read_remote_bytes(path) if is_remote(path) else Path(path).read_bytes()
+        features = json.loads(raw).get("features") or []
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise bad_file(path, f"not valid GeoJSON ({exc})") from None
     classes: Counter = Counter()
@@ -89,12 +91,14 @@ def _geojson_classes(path: Path) -> Counter:
 
 def survey_scene(row: CatalogRow) -> SceneSurvey:
     """Read one scene's metadata, value range and label classes (a one-line error if unreadable)."""
-    with naming_origin(row):
+    with naming_origin(row), gdal_env():
         return _survey(row)
 
 
 def _survey(row: CatalogRow) -> SceneSurvey:
-    if problem := input_problem(row.labels, missing="label file not found"):
+    if is_remote(row.labels):
+        remote_stat(row.labels)
+    elif problem := input_problem(row.labels, missing="label file not found"):
         raise bad_file(row.labels, problem)
     with open_raster(row.image) as src:
         names = band_names(src, parse_band_mapping(row.bands, row.image), row.band_labels, row.sensor)
@@ -131,7 +135,8 @@ def write_csv(rows: list[tuple[CatalogRow, SceneSurvey]], out: Path) -> None:
     base = Path(out).resolve().parent
     for row, survey in rows:
         named = [f"{n}={i}" for n, i in zip(survey.bands, survey.band_indexes, strict=True)]
-        paths = [Path(os.path.relpath(Path(p).resolve(), base)).as_posix() for p in (row.image, row.labels)]
+        paths = [p if is_remote(p) else Path(os.path.relpath(Path(p).resolve(), base)).as_posix()
+                 for p in (row.image, row.labels)]  # fmt: skip
         mapping = ";".join(named) if row.bands or row.band_labels else ""  # the file's own names need none
         writer.writerow([row.scene_id, *paths, row.split or "", mapping])
     write_text(out, buffer.getvalue())

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tilepipe.errors import TilepipeError, bad_file
 from tilepipe.geo.raster_io import Grid, gdal_env
+from tilepipe.geo.remote import as_location
 from tilepipe.mapping.blend import Strip, cell_grid_shape, classify_strips, segment_plan, segment_strips
 from tilepipe.mapping.scene import SceneView, open_scene, output_grid
 from tilepipe.mapping.writer import MapWriter, write_cog
@@ -73,8 +74,8 @@ def predict_scene(
     bands: str | dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each."""
-    scene, output = Path(scene), Path(output)
-    if output.resolve() == scene.resolve():
+    scene, output = as_location(scene), Path(output)
+    if isinstance(scene, Path) and output.resolve() == scene.resolve():
         raise bad_file(output, "output would overwrite the input scene")
     started = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,10 @@ def predict_scene(
             out_grid = output_grid(meta, opened.grid)
             total = window_total(params, meta, opened.grid)
             bar = tqdm(
-                total=total, desc=f"predict {scene.name}", unit="window", disable=not sys.stderr.isatty()
+                total=total,
+                desc=f"predict {Path(str(scene)).name}",
+                unit="window",
+                disable=not sys.stderr.isatty(),
             )
             writer = MapWriter(strips_file, out_grid, meta, probabilities)
             try:
@@ -114,7 +118,7 @@ def _summary(
     shares = sorted(((counts[i] / max(mapped, 1), name) for i, name in enumerate(classes)), reverse=True)
     nodata = 1 - mapped / max(out_grid.width * out_grid.height, 1)
     line = (
-        f"predict: {scene.name} {grid.width}x{grid.height} px -> {output} "
+        f"predict: {Path(str(scene)).name} {grid.width}x{grid.height} px -> {output} "
         f"({out_grid.width}x{out_grid.height} {meta.task} map), {windows} windows "
         f"in {seconds:.1f} s ({grid.width * grid.height / max(seconds, 1e-9) / 1e6:.2f} Mpx/s); "
         + ", ".join(f"{name} {share:.0%}" for share, name in shares[:3])

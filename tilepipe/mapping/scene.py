@@ -23,6 +23,7 @@ from tilepipe.geo.raster_io import (
     scale_to_unit,
     target_grid,
 )
+from tilepipe.geo.remote import as_location
 from tilepipe.mapping.blend import cell_grid_shape
 from tilepipe.ml.checkpoint import ModelMeta
 
@@ -64,7 +65,7 @@ class SceneView:
 @contextmanager
 def open_scene(path: Path | str, meta: ModelMeta, bands: str | dict[str, int] | None = None):
     """Open a scene whose bands fit the model, on the model's grid; a misfit is a one-line error."""
-    path = Path(path)
+    path = as_location(path)
     with open_raster(path) as src:
         check_georeferenced(src)
         dtype = src.dtypes[0]

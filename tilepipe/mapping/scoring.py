@@ -20,6 +20,7 @@ from tilepipe.errors import bad_file
 from tilepipe.fsutil import write_json
 from tilepipe.geo.labels import IGNORE, open_labels
 from tilepipe.geo.raster_io import gdal_env
+from tilepipe.geo.remote import as_location
 from tilepipe.geo.scenes import SceneRecord, read_scene_records
 from tilepipe.mapping.blend import NODATA, cell_grid_shape
 from tilepipe.mapping.scene import class_colours, open_scene, output_grid
@@ -67,7 +68,7 @@ def score_map(
         grid = output_grid(meta, scene.grid)
         step = max(1, math.ceil(max(grid.width, grid.height) / PREVIEW_PX))
         cell = 1 if meta.segmentation else cell_grid_shape(1, 1, meta.tile_size)[0]
-        labels = open_labels(Path(record.labels), scene.grid, params.data)
+        labels = open_labels(as_location(record.labels), scene.grid, params.data)
         previews: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         try:
             with rasterio.open(map_path) as src:

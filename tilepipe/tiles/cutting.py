@@ -33,6 +33,7 @@ from tilepipe.geo.raster_io import (
     target_grid,
 )
 from tilepipe.geo.read_errors import is_transient_read_error, unreadable_window
+from tilepipe.geo.remote import as_location
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params
 from tilepipe.tiles.store import PixelEncoding, ShardWriter, read_index, verify_shards, write_index
@@ -82,7 +83,7 @@ def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str,
         grid = target_grid(src, tp.gsd)
         coarser = tp.gsd is not None and tp.gsd > scene.gsd_m
         view = aligned(src, grid, Resampling.average if coarser else Resampling.bilinear)
-        labels = open_labels(Path(scene.labels), grid, params.data)
+        labels = open_labels(as_location(scene.labels), grid, params.data)
         indexes = list(scene.input_bands.values())
         rows, cols = tile_grid_shape(grid.width, grid.height, tp.size, tp.stride)
         step = max(1, CHUNK_PX // tp.stride)

@@ -1,0 +1,175 @@
+"""Scenes in object storage or on a web server: ``s3://bucket/key.tif`` and ``https://host/path.tif``.
+
+Rasters are read through GDAL's virtual file systems (/vsis3/, /vsicurl/) with windowed range
+requests: a scene is never downloaded whole. Credentials and the endpoint come from the usual AWS
+variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_S3_ENDPOINT`` or
+``AWS_ENDPOINT_URL``, ``AWS_HTTPS``, ``AWS_VIRTUAL_HOSTING``), never from params, and never appear
+in a message: a URI is shown without user info or query string.
+
+A remote file's fingerprint is what the store guarantees about its content without reading it:
+the ETag, the size and the last-modified time the server sends (docs/team-setup.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from tilepipe.errors import TilepipeError
+
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+TIMEOUT_S = 20.0
+RETRIES = 3
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for an ``s3://``, ``http://`` or ``https://`` URI (a local path is never one)."""
+    return isinstance(location, str) and location.startswith(REMOTE_SCHEMES)
+
+
+def as_location(text: str | Path) -> str | Path:
+    """A catalog or record entry as what the readers take: the URI string when remote, else a Path."""
+    return text if is_remote(text) else Path(text)
+
+
+def beside(base: Path, text: str) -> str | Path:
+    """A catalog entry: a URI as it is, a relative path resolved against the catalog's folder."""
+    return text if is_remote(text) else base / text
+
+
+def shown(uri: str | Path) -> str:
+    """A URI fit for a message or a log: no user info, no query string (presigned credentials)."""
+    if not is_remote(uri):
+        return str(uri)
+    parts = urlsplit(str(uri))
+    return urlunsplit(
+        (parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path, "", "")
+    )
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint as boto3 takes it, from ``AWS_ENDPOINT_URL`` or GDAL's ``AWS_S3_ENDPOINT``."""
+    if url := os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+        return url
+    if host := os.environ.get("AWS_S3_ENDPOINT"):
+        scheme = "http" if os.environ.get("AWS_HTTPS", "YES").upper() in ("NO", "FALSE", "0") else "https"
+        return host if "://" in host else f"{scheme}://{host}"
+    return None
+
+
+def gdal_cloud_options() -> dict[str, str]:
+    """GDAL settings for cloud reads (docs/team-setup.md gives the reason for each)."""
+    options = {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no LIST of the bucket folder on every open
+        "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2,.geojson,.json,.ovr,.msk",
+        "GDAL_HTTP_MAX_RETRY": "5",  # a reset or 5xx mid-read is retried ...
+        "GDAL_HTTP_RETRY_DELAY": "1",  # ... with a growing delay from 1 s
+        "GDAL_HTTP_TIMEOUT": "60",
+        "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",  # one request for adjacent tiles of a window
+        "VSI_CACHE": "TRUE",  # a small per-file block cache (VSI_CACHE_SIZE, 25 MB by default)
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not os.environ.get("AWS_S3_ENDPOINT"):  # GDAL knows only AWS_S3_ENDPOINT
+        parts = urlsplit(endpoint)
+        options["AWS_S3_ENDPOINT"] = parts.netloc
+        options["AWS_HTTPS"] = "YES" if parts.scheme == "https" else "NO"
+        options.setdefault("AWS_VIRTUAL_HOSTING", os.environ.get("AWS_VIRTUAL_HOSTING", "FALSE"))
+    return options
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    """What a HEAD request tells about an object."""
+
+    size: int
+    etag: str
+    modified: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Stands for the content in ``scenes.json`` where a local file has its SHA-256."""
+        return f"etag:{self.etag};size:{self.size};modified:{self.modified}"
+
+
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S, retries={"max_attempts": RETRIES})
+    return boto3.client("s3", endpoint_url=s3_endpoint_url(), config=config)
+
+
+def _s3_call(uri: str, call: str):
+    """Run an S3 request on the object of ``uri``; any failure is one line naming the URI."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    parts = urlsplit(uri)
+    client = _s3_client()
+    try:
+        return getattr(client, call)(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey") and not _bucket_exists(client, parts.netloc):
+            code = "NoSuchBucket"  # a HEAD answer has no body to say which is missing
+        problem = {
+            "404": "object not found", "NoSuchKey": "object not found", "NoSuchBucket": "bucket not found",
+            "403": "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+            "AccessDenied": "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+        }.get(code, f"S3 error {code}")  # fmt: skip
+        raise TilepipeError(f"{shown(uri)}: {problem}") from None
+    except EndpointConnectionError:
+        raise TilepipeError(
+            f"{shown(uri)}: the S3 endpoint {s3_endpoint_url() or 'AWS'} does not answer"
+        ) from None
+    except NoCredentialsError:
+        raise TilepipeError(
+            f"{shown(uri)}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        ) from None
+    except BotoCoreError as exc:
+        raise TilepipeError(f"{shown(uri)}: {type(exc).__name__}: {exc}") from None
+
+
+def _bucket_exists(client, bucket: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        return str(exc.response.get("Error", {}).get("Code", "")) not in ("404", "NoSuchBucket")
+    return True
+
+
+def _http(uri: str, headers: dict[str, str] | None = None):
+    """GET ``uri`` (a HEAD would break a presigned GET link's signature)."""
+    import httpx
+
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(retries=RETRIES), timeout=TIMEOUT_S) as client:
+            response = client.get(uri, headers=headers, follow_redirects=True)
+    except httpx.HTTPError as exc:
+        raise TilepipeError(f"{shown(uri)}: the server does not answer ({type(exc).__name__})") from None
+    if response.status_code >= 400:
+        what = {404: "not found", 403: "access denied", 401: "access denied"}.get(response.status_code, "")
+        raise TilepipeError(f"{shown(uri)}: HTTP {response.status_code} {what}".rstrip())
+    return response
+
+
+def remote_stat(uri: str) -> RemoteStat:
+    """Size, ETag and last-modified of a remote object, or one line saying why it cannot be read."""
+    if uri.startswith("s3://"):
+        head = _s3_call(uri, "head_object")
+        return RemoteStat(int(head["ContentLength"]), head.get("ETag", "").strip('"'),
+                          head["LastModified"].isoformat())  # fmt: skip
+    headers = _http(uri, {"Range": "bytes=0-0"}).headers  # the first byte only
+    size = headers.get("content-range", "").rpartition("/")[2] or headers.get("content-length", "-1")
+    return RemoteStat(int(size) if size.isdigit() else -1, headers.get("etag", "").strip('"'),
+                      headers.get("last-modified", ""))  # fmt: skip
+
+
+def read_remote_bytes(uri: str) -> bytes:
+    """A small remote file whole (GeoJSON labels; rasters are read by window through GDAL)."""
+    if uri.startswith("s3://"):
+        return _s3_call(uri, "get_object")["Body"].read()
+    return _http(uri).content
