@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tilepipe.fsutil import atomic_dir, write_json
 from tilepipe.mapping.predict import predict_scene
 from tilepipe.mapping.scoring import held_out_scenes
+from tilepipe.mapping.stac_item import build_item, item_path, write_catalog, write_item
 from tilepipe.params import Params
 from tilepipe.tracking.fetch import Prefetch
-from tilepipe.tracking.models import resolve_model
+from tilepipe.tracking.models import describe_model, resolve_model
 
 
 def predict_held_out(
@@ -21,15 +23,25 @@ def predict_held_out(
     out_dir: Path,
     prefetch: Prefetch | None = None,
 ) -> list[dict[str, Any]]:
-    """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole."""
+    """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole.
+
+    Beside each map its STAC item ``<scene_id>.json``, all linked by ``out_dir/catalog.json``.
+    """
     model, meta = resolve_model(model_spec, prefetch)
+    described = describe_model(model_spec, prefetch)
     records = held_out_scenes(scenes_json, split_json)
-    summaries = []
+    summaries, items = [], []
+    created = datetime.now(UTC)  # the items' datetime only where a scene's own time is unknown
     with atomic_dir(out_dir) as tmp:
         for record in records:
             output = tmp / f"{record.scene_id}.tif"
+            item_path(output)  # a scene id that would overwrite catalog.json fails before any work
             summary = predict_scene(params, model, meta, record.image, output, bands=record.band_mapping)
             summaries.append({"scene_id": record.scene_id, **summary, "output": output.name})
+            when = getattr(record, "datetime", None)  # scenes ingested from a STAC item know it
+            item = build_item(output, record.image, meta, described, record.scene_id, when, created, out_dir)
+            items.append(item)
+        write_catalog(tmp, items, f"tilepipe predictions of {len(records)} held-out test scene(s)")
         # timings (and the printed line, which names the temp folder) vary from run to run: the
         # record holds what the maps are, so the same maps give the same bytes (DVC, git)
         recorded = [{k: v for k, v in s.items() if k not in ("seconds", "line")} for s in summaries]
@@ -49,7 +61,12 @@ def predict_one(
 ) -> dict[str, Any]:
     """Map one scene to ``output`` (COG), optionally with a probability band per class.
 
+    Its STAC item goes beside it (``<output stem>.json``).
+
     ``prefetch``: an MLflow model's weights being fetched since before torch was imported.
     """
     model, meta = resolve_model(model_spec, prefetch)
-    return predict_scene(params, model, meta, scene, output, probabilities, bands)
+    item = item_path(Path(output))
+    summary = predict_scene(params, model, meta, scene, output, probabilities, bands)
+    write_item(build_item(Path(output), scene, meta, describe_model(model_spec, prefetch)), item)
+    return {**summary, "item": str(item)}

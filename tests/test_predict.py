@@ -45,7 +45,7 @@ from tilepipe.stages.split import split
 from tilepipe.stages.tile import tile
 from tilepipe.tracking import fetch
 from tilepipe.tracking.fetch import Prefetch
-from tilepipe.tracking.models import resolve_model
+from tilepipe.tracking.models import describe_model, resolve_model
 
 RGB = ["red", "green", "blue"]
 SCALE = {"uint8": [0, 255], "uint16": [0, 10000]}
@@ -400,8 +400,13 @@ def test_models_resolve_from_mlflow_and_serve_through_pyfunc(trained, monkeypatc
     try:
         assert prefetch.path().name == "model.pt"
         loaded.append(resolve_model(champion, prefetch))
+        named = {"name": params.track.model_name, "version": "1", "run_id": run["run_id"], "source": champion}
+        assert describe_model(champion, prefetch) == named  # what the STAC items record
     finally:
         prefetch.close()
+    assert describe_model(champion) == named
+    assert describe_model(run["run_id"])["run_id"] == run["run_id"]
+    assert describe_model(tmp_path / "models")["run_id"] == run["run_id"]  # run.json beside model.pt
     monkeypatch.setattr(fetch, "WEIGHTS", "weights/none.pt")  # a run logged before the weights were
     loaded.append(resolve_model(champion))  # ... loads through mlflow.pytorch instead
     for model, meta in loaded:

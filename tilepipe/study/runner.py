@@ -29,7 +29,7 @@ from tilepipe.params import Params
 from tilepipe.processes import cores, die_with_parent
 from tilepipe.study.plan import plan_study
 from tilepipe.study.report import terminal_table, write_outputs
-from tilepipe.tracking.runs import log_study, training_run
+from tilepipe.tracking.runs import log_study, params_hash, training_run
 from tilepipe.tracking.store import tracking_uri
 
 
@@ -67,7 +67,8 @@ def parent_run(params: Params, split_json: Path, plan: dict[str, Any]) -> Iterat
         "study.test_scenes": " ".join(plan["test_scenes"]),
         "study.trainings": str(len(plan["trainings"])),
     }
-    with training_run(params, Path(split_json), run_name="study", tags=tags) as run:
+    name = f"study-{params.train.model}-w{params.train.width}-{params_hash(params)}"
+    with training_run(params, Path(split_json), name=name, tags=tags) as run:
         yield run.info.run_id
 
 

@@ -39,7 +39,7 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
         "study.scenes": " ".join(training["scenes"]),
         "study.train_tiles": str(training["train_tiles"]),
     }
-    with training_run(tp, folder / "split.json", run_name=f"study-{training['name']}", tags=tags) as run:
+    with training_run(tp, folder / "split.json", name=f"study-{training['name']}", tags=tags) as run:
         row = run_training(params, training, Path(spec["tiles"]), Path(spec["split"]), on_epoch=log_epoch)
         if row["self"] is not None:
             log_run_metrics({f"self_{k}": float(v) for k, v in row["self_metrics"].items()})

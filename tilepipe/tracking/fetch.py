@@ -70,23 +70,46 @@ def spec_run(mlflow: Any, client: Any, spec: str) -> tuple[str, str]:
     return client.get_run(spec).info.run_id, f"runs:/{spec}/model"
 
 
-def registry_run(mlflow: Any, client: Any, spec: str) -> str:
+def registry_version(client: Any, spec: str) -> Any | None:
+    """The registered version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (None: other specs)."""
+    rest = spec.removeprefix("models:/")
+    if not spec.startswith("models:/"):
+        return None
+    if "@" in rest:
+        return client.get_model_version_by_alias(*rest.split("@", 1))
+    if "/" in rest:
+        return client.get_model_version(*rest.split("/", 1))
+    return None
+
+
+def registry_run(mlflow: Any, client: Any, spec: str, version: Any | None = None) -> str:
     """The source run of a registered version: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     from mlflow.exceptions import MlflowException
 
-    rest = spec.removeprefix("models:/")
-    if "@" in rest:
-        version = client.get_model_version_by_alias(*rest.split("@", 1))
-    elif "/" in rest:
-        version = client.get_model_version(*rest.split("/", 1))
-    else:  # a logged model id (models:/m-...)
-        return mlflow.get_logged_model(rest).source_run_id
+    version = version or registry_version(client, spec)
+    if version is None:  # a logged model id (models:/m-...)
+        return mlflow.get_logged_model(spec.removeprefix("models:/")).source_run_id
     run_id = version.run_id or version.tags.get("run_id")
     if not run_id and version.model_id:
         run_id = mlflow.get_logged_model(version.model_id).source_run_id
     if not run_id:
         raise MlflowException(f"version {version.version} of {version.name} has no source run")
     return run_id
+
+
+def identify(mlflow: Any, client: Any, spec: str) -> dict[str, str | None]:
+    """What a spec names: registered ``name`` and ``version`` (None for a run), ``run_id``, ``source``."""
+    version = registry_version(client, spec)
+    if spec.startswith("models:/"):
+        run_id = registry_run(mlflow, client, spec, version)
+    else:
+        run_id = spec_run(mlflow, client, spec)[0]
+    return {
+        "name": version.name if version is not None else None,
+        "version": str(version.version) if version is not None else None,
+        "run_id": run_id,
+        "source": spec,
+    }
 
 
 def download_weights(client: Any, run_id: str, folder: Path) -> Path | None:
@@ -102,8 +125,11 @@ def failure(spec: str, store: str, exc: BaseException) -> TilepipeError:
     return TilepipeError(f"{spec}: cannot load from MLflow at {store} ({reason})")
 
 
-def fetch(spec: str, folder: Path) -> dict[str, str | None]:
-    """Resolve ``spec`` and copy its weights into ``folder``: ``path`` (None: no weights) or ``error``."""
+def fetch(spec: str, folder: Path) -> dict[str, Any]:
+    """Resolve ``spec`` and copy its weights into ``folder``.
+
+    The answer: ``path`` (None: no weights) and ``model`` (:func:`identify`), or ``error``.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
@@ -112,11 +138,11 @@ def fetch(spec: str, folder: Path) -> dict[str, str | None]:
         return {"error": str(exc)}
     try:
         with quiet_downloads():
-            run_id, _ = spec_run(mlflow, client, spec)
-            path = download_weights(client, run_id, folder)
+            model = identify(mlflow, client, spec)
+            path = download_weights(client, str(model["run_id"]), folder)
     except (MlflowException, OSError) as exc:
         return {"error": str(failure(spec, store, exc))}
-    return {"path": None if path is None else str(path)}
+    return {"path": None if path is None else str(path), "model": model}
 
 
 class Prefetch:
@@ -138,6 +164,11 @@ class Prefetch:
         if self._answer.get("error"):
             raise TilepipeError(self._answer["error"])
         return Path(self._answer["path"]) if self._answer.get("path") else None
+
+    def model(self) -> dict[str, str | None] | None:
+        """Name, version, run id and source of the fetched model (None when the helper could not tell)."""
+        self.path()
+        return self._answer.get("model") if self._answer else None
 
     def close(self) -> None:
         """Stop the helper if it still runs and remove what it fetched."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from tilepipe.tracking.fetch import (
     Prefetch,
     download_weights,
     failure,
+    identify,
     is_mlflow_spec,
     mlflow_client,
     quiet_downloads,
@@ -37,6 +39,32 @@ def resolve_model(spec: str | Path, prefetch: Prefetch | None = None) -> tuple[n
     if not path.is_file():
         raise TilepipeError(f"{text}: no such model file, and not models:/NAME@ALIAS or an MLflow run id")
     return _load(path)
+
+
+def describe_model(spec: str | Path, prefetch: Prefetch | None = None) -> dict[str, str | None]:
+    """Registered ``name`` and ``version``, ``run_id`` and ``source`` of a model (None where unknown).
+
+    A ``model.pt`` path has the run of the ``run.json`` training wrote beside it, if there is one.
+    """
+    text = str(spec).strip()
+    if not is_mlflow_spec(text):
+        path = Path(text)
+        run_file = (path if path.is_dir() else path.parent) / "run.json"
+        try:
+            run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            run_id = None
+        return {"name": None, "version": None, "run_id": run_id, "source": text}
+    known = prefetch.model() if prefetch is not None else None
+    if known:
+        return known
+    from mlflow.exceptions import MlflowException
+
+    mlflow, client, store = mlflow_client(text)
+    try:
+        return identify(mlflow, client, text)
+    except (MlflowException, OSError) as exc:
+        raise failure(text, store, exc) from None
 
 
 def _load(path: Path) -> tuple[nn.Module, ModelMeta]:

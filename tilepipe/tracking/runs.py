@@ -5,7 +5,9 @@ The one place (with the rest of ``tilepipe.tracking``) that talks to MLflow; sta
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from tilepipe.tracking.fetch import WEIGHTS
 from tilepipe.tracking.store import connected_mlflow, tracking_uri
 
 TRAINING_ARTIFACTS = ("learning_curves.png", "val_confusion.png", "history.csv", "train.json")
+DVC_EXP_ENV = {"dvc_exp_name": "DVC_EXP_NAME", "dvc_exp_baseline_rev": "DVC_EXP_BASELINE_REV"}
 
 
 def _git(*args: str) -> str:
@@ -69,18 +72,41 @@ def lineage_tags(split_json: Path) -> dict[str, str]:
     return tags
 
 
+def params_hash(params: Params) -> str:
+    """8 hex digits of the SHA-256 of the run's logged params (``flatten``) as canonical JSON.
+
+    Two runs share it exactly when the MLflow UI shows them the same params.
+    """
+    text = json.dumps(flatten(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def dvc_exp_tags() -> dict[str, str]:
+    """``dvc_exp_name`` and ``dvc_exp_baseline_rev``: what ``dvc exp run`` exports to its stages."""
+    return {tag: os.environ[var] for tag, var in DVC_EXP_ENV.items() if os.environ.get(var)}
+
+
+def run_name(params: Params) -> str:
+    """The DVC experiment's name under ``dvc exp run``, else ``<model>-w<width>-<params hash>``."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return exp or f"{params.train.model}-w{params.train.width}-{params_hash(params)}"
+
+
 @contextmanager
 def training_run(
-    params: Params, split_json: Path, run_name: str | None = None, tags: dict[str, str] | None = None
+    params: Params, split_json: Path, name: str | None = None, tags: dict[str, str] | None = None
 ) -> Iterator[Any]:
-    """Open an MLflow run in the params' experiment with params, lineage tags and ``tags`` logged."""
+    """Open an MLflow run in the params' experiment with params, lineage tags and ``tags`` logged.
+
+    The run is called ``name`` (default: :func:`run_name`) and tagged with the DVC experiment.
+    """
     mlflow = connected_mlflow()
     with fail_fast(tracking_uri()):  # bounded probe: a down server or a locked store fails here
         mlflow.set_experiment(params.track.experiment)
-        active = mlflow.start_run(run_name=run_name)
+        active = mlflow.start_run(run_name=name or run_name(params))
     with active as run:
         mlflow.log_params(flatten(params))
-        mlflow.set_tags({**lineage_tags(split_json), **(tags or {})})
+        mlflow.set_tags({**lineage_tags(split_json), **dvc_exp_tags(), **(tags or {})})
         yield run
 
 
