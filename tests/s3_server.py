@@ -34,6 +34,7 @@ class S3Server:
     log: Path
     proc: subprocess.Popen | None = field(default=None)
     credentials: dict[str, str] = field(default_factory=dict)
+    auth: bool = True  # False: any key is accepted (a server restarted on the same port keeps working)
 
     @property
     def endpoint(self) -> str:
@@ -45,7 +46,7 @@ class S3Server:
 
     def start(self) -> None:
         cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)}
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)} if self.auth else None
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -61,7 +62,10 @@ class S3Server:
                 time.sleep(0.2)
         else:
             pytest.fail(f"moto_server did not answer on {self.endpoint}")
-        self._create_user()
+        if self.auth:
+            self._create_user()
+        else:
+            self.credentials = {"AWS_ACCESS_KEY_ID": "any", "AWS_SECRET_ACCESS_KEY": "any-secret"}
 
     def _create_user(self) -> None:
         import boto3

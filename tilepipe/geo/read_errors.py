@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from tilepipe.errors import TilepipeError, bad_file
+from tilepipe.geo.remote import remote_stat
+
+T = TypeVar("T")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -47,6 +52,23 @@ def is_transient_read_error(exc: BaseException) -> bool:
         chain.append(str(seen).lower())
         seen = seen.__cause__ or seen.__context__
     return any(needle.lower() in text for text in chain for needle in TRANSIENT_READ)
+
+
+class StoreUnavailable(OSError):  # noqa: N818 - it reads as what happened
+    """A remote read failed and the store does not answer now: a retry of the scene can help."""
+
+
+def read_remote_again(location: str, exc: RasterioError, read: Callable[[], T]) -> T:
+    """After GDAL failed to read part of a remote file (its own HTTP retries spent), ask the store.
+
+    It does not answer: :class:`StoreUnavailable` (the flow retries the scene). It does: read once
+    more, since the outage may have just ended; a second failure is the file's own and is raised.
+    """
+    try:
+        remote_stat(location)
+    except TilepipeError as down:
+        raise StoreUnavailable(f"{down} (while reading: {describe_error(exc)})") from None
+    return read()
 
 
 def unreadable_window(path: Path | str, window: Window, exc: RasterioError, scene_id: str) -> TilepipeError:

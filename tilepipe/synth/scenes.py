@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from shapely.geometry.polygon import orient
 from tilepipe.synth.fields import BANDS, clouds, footprint, grid_classes, point_classes, reflectance
 from tilepipe.synth.plan import COARSE, Plan
 
+ACQUISITION_START = datetime(2023, 1, 1)  # the built-in scenes' acquisition times (TIFFTAG_DATETIME)
 
 def _valid(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Valid-data mask of a window: inside the rotated swath footprint and not under cloud."""
@@ -71,7 +73,9 @@ def write_image(plan: Plan, path: Path, seed: int) -> float:
         prof["photometric"] = "RGB"
     nodata = 0
     with rasterio.open(path, "w", **prof) as dst:
-        dst.update_tags(SENSOR=plan.sensor, GSD_M=f"{plan.gsd:g}", SYNTHETIC="tilepipe")
+        acquired = ACQUISITION_START + timedelta(days=seed % 730, hours=10)  # drawn from the seed
+        dst.update_tags(SENSOR=plan.sensor, GSD_M=f"{plan.gsd:g}", SYNTHETIC="tilepipe",
+                        TIFFTAG_DATETIME=acquired.strftime("%Y:%m:%d %H:%M:%S"))  # fmt: skip
         if plan.described:
             for b, idx in enumerate(order, start=1):
                 dst.set_band_description(b, BANDS[idx])

@@ -11,10 +11,11 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from rasterio.enums import Resampling
@@ -32,13 +33,14 @@ from tilepipe.geo.raster_io import (
     read_padded,
     target_grid,
 )
-from tilepipe.geo.read_errors import is_transient_read_error, unreadable_window
-from tilepipe.geo.remote import as_location
+from tilepipe.geo.read_errors import is_transient_read_error, read_remote_again, unreadable_window
+from tilepipe.geo.remote import as_location, is_remote
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params
 from tilepipe.tiles.store import PixelEncoding, ShardWriter, read_index, verify_shards, write_index
 
 STORE_VERSION = 3  # 2: 8/16-bit pixels stored as read (PixelEncoding); 3: XXH3-128 shard checksums
+T = TypeVar("T")
 CHUNK_PX = 1024  # tiles are cut from reads of about this many pixels a side
 TABLE_COLUMNS = ("shard", "offset", "row", "col", "x", "y", "bounds", "nodata", "hist")
 
@@ -98,12 +100,7 @@ def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str,
         def read(r0: int, c0: int, nr: int, nc: int) -> _Chunk:
             size, stride = tp.size, tp.stride
             window = Window(c0 * stride, r0 * stride, (nc - 1) * stride + size, (nr - 1) * stride + size)
-            try:
-                raw, valid = read_padded(view, window, indexes)
-            except RasterioError as exc:
-                if is_transient_read_error(exc):
-                    raise  # a retry of the scene can help (the flow's retry condition)
-                raise unreadable_window(scene.image, window, exc, scene.scene_id) from None
+            raw, valid = _read_image(view, window, indexes, scene)
             image, whole = encoding.encode(raw, scene.dtype, scale), bool(valid.all())
             if not whole:
                 image[:, ~valid] = encoding.nodata
@@ -154,14 +151,35 @@ def _scene_index(
     }
 
 
-def _read_labels(labels, window: Window, scene: SceneRecord) -> np.ndarray:
-    """Class indexes of a window; damaged label data is one line naming the label file."""
+def _read_or_explain(read: Callable[[], T], location: str, window: Window, scene_id: str) -> T:
+    """``read()``, or why not.
+
+    A failure on the way is raised for a retry of the scene (the flow's retry condition); a remote
+    file is read once more while its store answers; damaged data is one line naming the file.
+    """
     try:
-        return labels.read(window)
+        return read()
     except RasterioError as exc:
         if is_transient_read_error(exc):
             raise
-        raise unreadable_window(scene.labels, window, exc, scene.scene_id) from None
+        if not is_remote(location):
+            raise unreadable_window(location, window, exc, scene_id) from None
+        try:
+            return read_remote_again(location, exc, read)
+        except RasterioError as again:
+            raise unreadable_window(location, window, again, scene_id) from None
+
+
+def _read_image(
+    view, window: Window, indexes: list[int], scene: SceneRecord
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and validity of a window of the scene's image."""
+    return _read_or_explain(lambda: read_padded(view, window, indexes), scene.image, window, scene.scene_id)
+
+
+def _read_labels(labels, window: Window, scene: SceneRecord) -> np.ndarray:
+    """Class indexes of a window; damaged label data is one line naming the label file."""
+    return _read_or_explain(lambda: labels.read(window), scene.labels, window, scene.scene_id)
 
 
 @dataclass

@@ -38,6 +38,7 @@ UNIT_DTYPE = "float16"  # how pixels of dtypes not stored as read are kept: scal
 # A test seam, never set in use: the kill test names a scene whose tiling then stops for good
 # after its first shard, so the kill lands at a known point instead of in a timing window.
 HOLD_SCENE = "TILEPIPE_TEST_HOLD_SCENE"
+RELEASE_FILE = "TILEPIPE_TEST_RELEASE_FILE"  # with it, the held scene goes on once this file exists
 CHECKSUM = "xxh3_128"  # the key of a shard's checksums in the index, named by their algorithm
 _HASHES: dict[str, Callable[[], Any]] = {CHECKSUM: xxhash.xxh3_128, "sha256": hashlib.sha256}
 
@@ -193,8 +194,11 @@ class ShardWriter:
         shard[CHECKSUM][shard["images"]] = _save_npy(self.out_dir / shard["images"], images)
         shard[CHECKSUM][shard["labels"]] = _save_npy(self.out_dir / shard["labels"], labels)
         if (held := os.environ.get(HOLD_SCENE)) and self.out_dir.name.startswith(f".{held}."):
-            (self.out_dir / "held").touch()  # the test seam: say so, then stop here until killed
-            threading.Event().wait()
+            (self.out_dir / "held").touch()  # the test seam: say so, then stop here until killed ...
+            release = os.environ.get(RELEASE_FILE)
+            while not (release and Path(release).exists()):  # ... or until the release file appears
+                threading.Event().wait(0.05)
+            (self.out_dir / "held").unlink()
 
     def _wait(self) -> None:
         if self._in_flight is not None:
