@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ from tilepipe.errors import TilepipeError
 from tilepipe.ml.dataset import EpochBatchSampler
 from tilepipe.ml.loops import Precision, _inputs, autocast
 from tilepipe.processes import cores
+
+HOLD_AFTER_EPOCH = "TILEPIPE_TEST_HOLD_AFTER_EPOCH"  # test seam: every rank stops after that epoch
 
 
 @dataclass(frozen=True)
@@ -185,3 +189,13 @@ def broadcast(value: object) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def hold_if_asked(epoch: int, ranks: Ranks, marker_dir: Path) -> None:
+    """The test seam: after epoch ``$TILEPIPE_TEST_HOLD_AFTER_EPOCH`` (checkpoint written), say so and wait.
+
+    Each rank touches ``.held-rank<r>`` in ``marker_dir`` and then waits until it is killed.
+    """
+    if os.environ.get(HOLD_AFTER_EPOCH) == str(epoch):
+        (marker_dir / f".held-rank{ranks.rank}").touch()
+        threading.Event().wait()

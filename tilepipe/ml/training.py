@@ -37,6 +37,7 @@ from tilepipe.ml.distributed import (
     broadcast,
     ddp_train_epoch,
     gather_seen,
+    hold_if_asked,
     start_ranks,
     stop_ranks,
     wrap,
@@ -307,6 +308,7 @@ def train(
         stop = _end_epoch(params, trainer, data, (out_dir, key), state, epoch, metrics, cm) if main else False
         if ranks is not None:
             stop = broadcast(stop)
+            hold_if_asked(epoch, ranks, out_dir)
         if on_epoch is not None and main:
             on_epoch(epoch, metrics)
         if stop:
