@@ -15,7 +15,17 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import datapath, memory, orchestration, seeds, startup, tiling, torchgeo_compare, training
+from benchmarks import (
+    datapath,
+    ddp,
+    memory,
+    orchestration,
+    seeds,
+    startup,
+    tiling,
+    torchgeo_compare,
+    training,
+)
 from benchmarks.common import load, machine, save
 
 BENCHMARKS = {
@@ -24,6 +34,7 @@ BENCHMARKS = {
     "datapath": datapath.run,
     "torchgeo": torchgeo_compare.run,
     "training": training.run,
+    "ddp": ddp.run,
     "orchestration": orchestration.run,
     "startup": startup.run,
 }
