@@ -68,7 +68,7 @@ def _train(params: Params, args: argparse.Namespace) -> None:
         from tilepipe.params import apply_overrides, validate
 
         flag = [f"train.nproc_per_node={args.nproc_per_node}"]
-        params = validate(apply_overrides(params.model_dump(mode="json"), flag), source="tilepipe train")
+        params = validate(apply_overrides(params.model_dump(mode="json"), flag), source="--nproc-per-node")
     train(params, args.tiles, args.split, args.out)
 
 
