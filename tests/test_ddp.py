@@ -173,3 +173,15 @@ def test_two_ranks_see_every_tile_once_log_one_run_and_resume_exactly_after_a_ki
     assert (full / "history.csv").read_text() == (cut / "history.csv").read_text()
     resumed_summary = json.loads((cut / "train.json").read_text())
     assert resumed_summary["tiles_seen_per_rank"] == summary["tiles_seen_per_rank"]
+
+
+def test_a_batch_that_does_not_split_across_the_processes_is_one_line(tmp_path):
+    run = subprocess.run(
+        [TILEPIPE, "train", "--params", str(ROOT / "params.yaml"), "--nproc-per-node", "3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "tilepipe train: error: --nproc-per-node: train: batch_size must be a multiple of nproc_per_node "
+        "(each process takes a share)"
+    ]

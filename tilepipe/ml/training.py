@@ -272,11 +272,12 @@ def train(
     data = load_training_data(params, tiles_dir, split_json)
     keep_freed_memory()
     trainer = make_trainer(params, data, ranks, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = ranks is None or ranks.main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.pt"
     key = run_key(params, split_json, tiles_dir, ranks)
     state = start_or_resume(params, trainer, last, key, ranks)
-    main = ranks is None or ranks.main
     if ranks is not None:
         trainer.ddp = wrap(trainer.model, trainer.device)  # after a resume: every rank holds its weights
     stopped_early = False
