@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, TRAIN, prepare_tiny_pipeline, tiny_overrides
+from tests.conftest import ROOT, TRAIN, prepare_tiny_pipeline, tiny_overrides, tiny_params
 from tilepipe.ml.checkpoint import load_model
 from tilepipe.ml.dataset import EpochBatchSampler, TileBatches, open_stores, select_tiles, split_members
 from tilepipe.ml.distributed import HOLD_AFTER_EPOCH, RankBatchSampler
@@ -65,6 +65,54 @@ def test_a_rank_share_is_its_rows_of_the_whole_batch_turned_alike(prepared):
             torch.testing.assert_close(xr, x[rows], rtol=0, atol=0)
             torch.testing.assert_close(yr, y[rows], rtol=0, atol=0)
             assert xr.shape[1:] == x.shape[1:] and yr.shape[1:] == y.shape[1:]
+
+
+def _step_gradients(tmp: str) -> dict[str, float]:
+    """One rank: the gradient of the first and the last (short) global batch of epoch 1 on 2 ranks;
+    rank 0 also computes them on the whole batch as one process does. Batch norm on its running
+    statistics (eval mode), so the arithmetic is the same and only the loss split can differ."""
+    from tilepipe.ml.distributed import ranks_from_env, share_loss, start_ranks, wrap
+    from tilepipe.ml.training import load_training_data, make_trainer
+
+    params = tiny_params(Path(tmp), *DDP)
+    ranks = ranks_from_env()
+    device = start_ranks(ranks, params.train.batch_size, 1, "fp32")
+    data = load_training_data(params, Path(tmp) / "tiles", Path(tmp) / "split.json")
+    shared, whole = make_trainer(params, data, ranks, device), make_trainer(params, data)
+    ddp = wrap(shared.model.eval(), device)
+    gaps = {}
+    for trainer in (shared, whole):
+        trainer.loader.sampler.set_epoch(1)
+    pairs = zip(list(shared.loader), list(whole.loader), strict=True)
+    for name, ((x, y), (xw, yw)) in zip(("first", "last"), [next(pairs), list(pairs)[-1]], strict=True):
+        ddp.zero_grad()
+        share_loss(ddp, x, y, shared.loss_sum, device, "fp32")[1].backward()
+        whole.model.eval().zero_grad()
+        whole.loss_fn(whole.model(xw), yw).backward()
+        gaps[name] = max(
+            float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12))
+            for a, b in zip(shared.model.parameters(), whole.model.parameters(), strict=True)
+        )
+        gaps[f"{name}_tiles"] = float(len(x))
+    torch.distributed.destroy_process_group()
+    return gaps
+
+
+@pytest.mark.ddp
+def test_a_step_on_two_ranks_has_the_gradient_of_the_whole_batch(prepared, monkeypatch):
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    tmp_path, _ = prepared
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="grad", rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0", rdzv_configs={"is_host": True}, max_restarts=0,
+    )  # fmt: skip
+    gaps = elastic_launch(config, _step_gradients)(str(tmp_path))
+    for rank in (0, 1):
+        assert gaps[rank]["first"] < 1e-4 and gaps[rank]["last"] < 1e-4, gaps
+    assert gaps[0]["first_tiles"] == gaps[1]["first_tiles"] == 8  # half of train.batch_size 16
+    assert gaps[0]["last_tiles"] + gaps[1]["last_tiles"] < 16  # the short batch, split too
 
 
 # -------------------------------------------------------------------------- two real processes

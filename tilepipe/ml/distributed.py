@@ -114,6 +114,29 @@ def denominator(y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return weight[valid].sum()
 
 
+def share_loss(
+    ddp: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_sum: nn.Module,
+    device: torch.device,
+    precision: Precision,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The whole batch's [summed loss, denominator, tiles], this rank's loss to backward, all-reduce seconds.
+
+    Each rank's summed loss over the whole batch's denominator, times the world size, which DDP's
+    gradient averaging divides back out: the gradient is that of the global batch's mean loss.
+    """
+    with autocast(device, precision):
+        local = loss_sum(ddp(x), y)
+    count = torch.tensor(float(len(x)), device=device)
+    sums = torch.stack([local.detach().float(), denominator(y, loss_sum.weight).float(), count])
+    started = time.perf_counter()
+    dist.all_reduce(sums)
+    seconds = time.perf_counter() - started
+    return sums, local * dist.get_world_size() / sums[1].clamp_min(1e-12), seconds
+
+
 def ddp_train_epoch(
     ddp: nn.Module,
     loader,
@@ -131,21 +154,14 @@ def ddp_train_epoch(
     world size, which DDP's gradient averaging divides back out.
     """
     ddp.train()
-    world = dist.get_world_size()
     total_loss, seen, mine, reduce_seconds = 0.0, 0, 0, 0.0
     started = time.perf_counter()
     bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty())
     for x, y in loader:
         x, y = _inputs(x, device, precision), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            local = loss_sum(ddp(x), y)
-        count = torch.tensor(float(len(x)), device=device)
-        sums = torch.stack([local.detach().float(), denominator(y, loss_sum.weight).float(), count])
-        reduce_started = time.perf_counter()
-        dist.all_reduce(sums)
-        reduce_seconds += time.perf_counter() - reduce_started
-        loss = local * world / sums[1].clamp_min(1e-12)
+        sums, loss, waited = share_loss(ddp, x, y, loss_sum, device, precision)
+        reduce_seconds += waited
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
