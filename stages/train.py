@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from tilepipe.ml.checkpoint import load_checkpoint
-from tilepipe.ml.distributed import ranks_from_env
+from tilepipe.ml.distributed import Ranks, ranks_from_env
 from tilepipe.ml.launch import launch_training
-from tilepipe.ml.training import EpochHook
+from tilepipe.ml.training import EpochHook, resumable, run_key
 from tilepipe.ml.training import train as train_model
 from tilepipe.params import Params
 from tilepipe.tracking.runs import log_epoch, log_trained_model, training_run
@@ -28,6 +28,9 @@ def train(
         load_checkpoint(last)  # a truncated or foreign checkpoint fails here, before any MLflow run
     ranks = ranks_from_env()
     if ranks is None and params.train.nproc_per_node > 1:
+        if params.train.resume and last.is_file():  # refused here, not by every rank
+            n = params.train.nproc_per_node
+            resumable(last, run_key(params, split_json, tiles_dir, Ranks(0, n, 0, n)))
         launch_training(params, tiles_dir, split_json, out_dir)
         return _launched(Path(out_dir), on_epoch)
     if ranks is not None and not ranks.main:

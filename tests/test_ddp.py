@@ -22,9 +22,11 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TRAIN, prepare_tiny_pipeline, tiny_overrides, tiny_params
+from tilepipe.errors import TilepipeError
 from tilepipe.ml.checkpoint import load_model
 from tilepipe.ml.dataset import EpochBatchSampler, TileBatches, open_stores, select_tiles, split_members
-from tilepipe.ml.distributed import HOLD_AFTER_EPOCH, RankBatchSampler
+from tilepipe.ml.distributed import HOLD_AFTER_EPOCH, RankBatchSampler, Ranks
+from tilepipe.ml.training import resumable, run_key
 
 TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
 DDP = [*TRAIN, "train.threads=1"]
@@ -221,6 +223,12 @@ def test_two_ranks_see_every_tile_once_log_one_run_and_resume_exactly_after_a_ki
     assert (full / "history.csv").read_text() == (cut / "history.csv").read_text()
     resumed_summary = json.loads((cut / "train.json").read_text())
     assert resumed_summary["tiles_seen_per_rank"] == summary["tiles_seen_per_rank"]
+
+    # The checkpoint knows its process count: 2 ranks resume it, 1 process is refused.
+    params, last = tiny_params(tmp_path, *DDP), cut / "checkpoints" / "last.pt"
+    assert resumable(last, run_key(params, tmp_path / "split.json", tmp_path / "tiles", Ranks(0, 2, 0, 2)))
+    with pytest.raises(TilepipeError, match=r"other params, split or tiles \(or process count\)"):
+        resumable(last, run_key(params, tmp_path / "split.json", tmp_path / "tiles"))
 
 
 def test_a_batch_that_does_not_split_across_the_processes_is_one_line(tmp_path):

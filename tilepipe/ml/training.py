@@ -184,6 +184,17 @@ def make_trainer(
     )
 
 
+def resumable(last: Path, key: str) -> dict[str, Any]:
+    """The checkpoint at ``last`` if it was made by a run of ``key`` (see ``run_key``), else an error."""
+    ckpt = load_checkpoint(last)
+    if ckpt["key"] != key:
+        raise TilepipeError(
+            f"{last}: checkpoint was made with other params, split or tiles (or process count); "
+            "set train.resume=false to start over"
+        )
+    return ckpt
+
+
 def start_or_resume(
     params: Params, trainer: Trainer, last: Path, key: str, ranks: Ranks | None = None
 ) -> dict[str, Any]:
@@ -198,12 +209,7 @@ def start_or_resume(
     for folder in (last.parent.parent, last.parent) if main else ():
         remove_leftovers(folder)  # temp files of a run that was killed mid-write
     if params.train.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        if ckpt["key"] != key:
-            raise TilepipeError(
-                f"{last}: checkpoint was made with other params, split or tiles; "
-                "set train.resume=false to start over"
-            )
+        ckpt = resumable(last, key)
         trainer.model.load_state_dict(ckpt["model"])
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
         trainer.scheduler.load_state_dict(ckpt["scheduler"])
