@@ -2,7 +2,7 @@
 MLflow run (rank 0's), and kill -9 of a rank then train.resume=true ends on the uninterrupted weights.
 
 The two-rank tests start real `tilepipe train --nproc-per-node 2` jobs through torch.distributed's
-launcher; together they cost about two minutes on 2 cores (marked ``ddp``, in one xdist group).
+launcher; together about 100 s on 2 cores (marked ``ddp``, in one xdist group; docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def _step_gradients(tmp: str) -> dict[str, float]:
 
 
 @pytest.mark.ddp
+@pytest.mark.xdist_group("ddp")
 def test_a_step_on_two_ranks_has_the_gradient_of_the_whole_batch(prepared, monkeypatch):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
