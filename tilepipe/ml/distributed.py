@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tilepipe.errors import TilepipeError
 from tilepipe.ml.dataset import EpochBatchSampler
 from tilepipe.ml.loops import Precision, _inputs, autocast
-from tilepipe.processes import cores
+from tilepipe.processes import cores, die_with_parent
 
 HOLD_AFTER_EPOCH = "TILEPIPE_TEST_HOLD_AFTER_EPOCH"  # test seam: every rank stops after that epoch
 
@@ -70,6 +70,7 @@ def start_ranks(ranks: Ranks, batch_size: int, threads: int, precision: Precisio
             f"train.batch_size {batch_size} does not split evenly across {ranks.world} processes; "
             "make it a multiple of the process count"
         )
+    die_with_parent()  # a launcher killed from a thread (a flow's task) cannot stop its ranks itself
     cuda = precision == "amp" and torch.cuda.is_available()
     torch.set_num_threads(threads or max(1, cores() // ranks.local_world))
     if cuda:
