@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmarks import (
     datapath,
+    ddp,
     memory,
     orchestration,
     remote,
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "datapath": datapath.run,
     "torchgeo": torchgeo_compare.run,
     "training": training.run,
+    "ddp": ddp.run,
     "orchestration": orchestration.run,
     "startup": startup.run,
     "remote": remote.run,

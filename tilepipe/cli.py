@@ -64,6 +64,11 @@ def _split(params: Params, args: argparse.Namespace) -> None:
 def _train(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.stages.train import train
 
+    if args.nproc_per_node is not None:
+        from tilepipe.params import apply_overrides, validate
+
+        flag = [f"train.nproc_per_node={args.nproc_per_node}"]
+        params = validate(apply_overrides(params.model_dump(mode="json"), flag), source="--nproc-per-node")
     train(params, args.tiles, args.split, args.out)
 
 
@@ -238,7 +243,13 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "split": lambda s: _path_args(
         s, scenes=w.SCENES, tiles=w.TILES, out=w.SPLIT
     ),
-    "train": lambda s: _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS),
+    "train": lambda s: (
+        _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS),
+        s.add_argument(
+            "--nproc-per-node", type=int, default=None, metavar="N",
+            help="train on N processes of this machine, torchrun-style (default: train.nproc_per_node)",
+        ),  # fmt: skip
+    ),
     "evaluate": lambda s: (
         _path_args(
             s,

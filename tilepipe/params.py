@@ -182,11 +182,18 @@ class TrainParams(Section):
     workers: int = Field(default=0, ge=0, le=64)
     threads: int = Field(default=0, ge=0, le=256)
     resume: bool = False
+    nproc_per_node: int = Field(default=1, ge=1, le=256)  # processes (torchrun); the batch is split across
 
     @model_validator(mode="after")
     def _task_fits_model(self) -> TrainParams:
         if (self.task == "segmentation") != (self.model == "unet"):
             raise ValueError("task segmentation needs model unet, and unet is for segmentation")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainParams:
+        if self.batch_size % self.nproc_per_node:
+            raise ValueError("batch_size must be a multiple of nproc_per_node (each process takes a share)")
         return self
 
 

@@ -99,19 +99,36 @@ class TileBatches(Dataset):
     def __len__(self) -> int:
         return len(self.ref.tile)
 
-    def __getitem__(self, item: tuple[int, int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        seed, epoch, positions = item
+    def __getitem__(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch for (seed, epoch, positions), or for (seed, epoch, positions, rows): one rank's rows of it.
+
+        With rows, each tile gets the flip or turn it gets in the whole batch on one process.
+        """
+        seed, epoch, positions, *share = item
         positions = np.asarray(positions, dtype=np.int64)
         segmentation = self.task == "segmentation"
-        images, labels = self.gather(positions, labels=segmentation)
-        if self.augment:
-            images, labels = dihedral(images, labels, dihedral_ops(seed, epoch, positions))
+        ops = dihedral_ops(seed, epoch, positions) if self.augment else None
+        if share:
+            positions, ops, images, labels = self._share(positions, np.asarray(share[0], np.int64), ops)
+        else:
+            images, labels = self.gather(positions, labels=segmentation)
+        if ops is not None:
+            images, labels = dihedral(images, labels, ops)
         x = torch.from_numpy(images)  # float32 in [0, 1]; the model normalises (models.Normalized)
         if not segmentation:
             return x, torch.from_numpy(self.ref.target[positions])
         classes = labels.astype(np.int64)
         classes[classes == IGNORE] = -100
         return x, torch.from_numpy(classes)
+
+    def _share(self, positions: np.ndarray, rows: np.ndarray, ops: np.ndarray | None) -> tuple:
+        """Positions, ops and gathered tiles of ``rows`` of a batch; none of them (shaped alike) if empty."""
+        segmentation = self.task == "segmentation"
+        ops = None if ops is None else ops[rows]
+        if len(rows) == 0:  # the last, short batch of an epoch left this rank nothing
+            images, labels = self.gather(positions[:1], labels=segmentation)
+            return positions[:0], ops, images[:0], None if labels is None else labels[:0]
+        return positions[rows], ops, *self.gather(positions[rows], labels=segmentation)
 
     def gather(self, positions: np.ndarray, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Tiles (float32 images in [0, 1], uint8 labels or None) for the given positions, in that order."""
@@ -188,9 +205,19 @@ class EpochBatchSampler(Sampler[tuple[int, int, list[int]]]):
         return (self.size + self.batch_size - 1) // self.batch_size
 
 
-def make_loader(dataset: TileBatches, batch_size: int, seed: int, shuffle: bool, workers: int) -> DataLoader:
-    """A DataLoader over whole batches; ``workers`` 0 keeps both cores for training."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, shuffle)
+def make_loader(
+    dataset: TileBatches,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    workers: int,
+    sampler: Sampler | None = None,
+) -> DataLoader:
+    """A DataLoader over whole batches; ``workers`` 0 keeps both cores for training.
+
+    ``sampler`` replaces the ``EpochBatchSampler`` (one rank's share: ``tilepipe.ml.distributed``).
+    """
+    sampler = sampler or EpochBatchSampler(len(dataset), batch_size, seed, shuffle)
     return DataLoader(
         dataset,
         sampler=sampler,

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from tilepipe.errors import TilepipeError
-from tilepipe.fsutil import atomic_path, file_sha256, remove_leftovers, write_json, write_text
-from tilepipe.ml.checkpoint import load_checkpoint, model_meta, save_checkpoint, save_model
+from tilepipe.fsutil import file_sha256, remove_leftovers
+from tilepipe.ml.checkpoint import load_checkpoint
 from tilepipe.ml.dataset import (
     TileBatches,
     TileRef,
@@ -31,15 +31,25 @@ from tilepipe.ml.dataset import (
     select_tiles,
     split_members,
 )
+from tilepipe.ml.distributed import (
+    RankBatchSampler,
+    Ranks,
+    broadcast,
+    ddp_train_epoch,
+    gather_seen,
+    hold_if_asked,
+    start_ranks,
+    stop_ranks,
+    wrap,
+)
+from tilepipe.ml.epochs import end_epoch, finish
 from tilepipe.ml.loops import keep_freed_memory, pick_device, prepare, score, train_epoch
 from tilepipe.ml.metrics import summarize
 from tilepipe.ml.models import Normalized, build_model
-from tilepipe.ml.plots import plot_confusion, plot_curves
 from tilepipe.params import Params
 from tilepipe.tiles.store import SceneTiles
 
 EpochHook = Callable[[int, dict[str, float]], None]
-MAXIMISE = {"val_macro_f1": True, "val_accuracy": True, "val_miou": True, "val_loss": False}
 
 
 @dataclass
@@ -66,6 +76,9 @@ class Trainer:
     scaler: torch.amp.GradScaler | None
     loader: Any
     val_loader: Any
+    ddp: nn.Module | None = None  # the model under DistributedDataParallel, on several processes
+    loss_sum: nn.Module | None = None  # loss_fn summed, not averaged (each rank's share of a batch)
+    ranks_record: dict | None = None  # the last epoch's tiles per rank (rank 0, several processes)
 
 
 def class_counts(stores, ref, task: str, n_classes: int) -> np.ndarray:
@@ -90,10 +103,13 @@ def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def run_key(params: Params, split_json: Path, tiles_dir: Path) -> str:
-    """What a checkpoint must match to be resumed: train params, split and tile set."""
-    train = params.train.model_dump(mode="json", exclude={"resume", "workers", "threads"})
+def run_key(params: Params, split_json: Path, tiles_dir: Path, ranks: Ranks | None = None) -> str:
+    """What a checkpoint must match to be resumed: train params, split, tile set (and process count)."""
+    exclude = {"resume", "workers", "threads", "nproc_per_node"}
+    train = params.train.model_dump(mode="json", exclude=exclude)
+    world = {"world_size": ranks.world} if ranks else {}
     key = {
+        **world,
         "train": train,
         "seed": params.seed,
         "split": file_sha256(split_json),
@@ -136,16 +152,24 @@ def build_optimisation(params: Params, stats: dict, n_classes: int) -> tuple[nn.
     return model, optimizer, scheduler
 
 
-def make_trainer(params: Params, data: TrainingData) -> Trainer:
-    """Model, optimiser, losses and loaders exactly as ``train`` runs them (after ``keep_freed_memory``)."""
+def make_trainer(
+    params: Params, data: TrainingData, ranks: Ranks | None = None, device: torch.device | None = None
+) -> Trainer:
+    """Model, optimiser, losses and loaders exactly as ``train`` runs them (after ``keep_freed_memory``).
+
+    With ``ranks``, the loader yields this rank's share of each global batch (``RankBatchSampler``).
+    """
     tp = params.train
-    device = pick_device(tp.precision)
+    device = device or pick_device(tp.precision)
     model, optimizer, scheduler = build_optimisation(params, data.stats, len(params.data.classes))
     model = prepare(model, device, tp.precision)
     weight = class_weights(data.counts, tp.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device), ignore_index=-100)
     train_data = TileBatches(data.stores, data.refs["train"], tp.task, augment=tp.augment)
     val_data = TileBatches(data.stores, data.refs["val"], tp.task)
+    share = None
+    if ranks is not None:
+        share = RankBatchSampler(len(train_data), tp.batch_size, params.seed, ranks.rank, ranks.world)
     return Trainer(
         model=model,
         optimizer=optimizer,
@@ -154,42 +178,70 @@ def make_trainer(params: Params, data: TrainingData) -> Trainer:
         val_loss_fn=nn.CrossEntropyLoss(ignore_index=-100),
         device=device,
         scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
-        loader=make_loader(train_data, tp.batch_size, params.seed, True, tp.workers),
+        loader=make_loader(train_data, tp.batch_size, params.seed, True, tp.workers, sampler=share),
         val_loader=make_loader(val_data, params.evaluate.batch_size, 0, False, 0),
+        loss_sum=None if ranks is None else nn.CrossEntropyLoss(weight=loss_fn.weight, reduction="sum"),
     )
 
 
-def start_or_resume(params: Params, trainer: Trainer, last: Path, key: str) -> dict[str, Any]:
-    """The loop state to start from: a matching checkpoint's (``train.resume``) or a fresh one."""
+def resumable(last: Path, key: str) -> dict[str, Any]:
+    """The checkpoint at ``last`` if it was made by a run of ``key`` (see ``run_key``), else an error."""
+    ckpt = load_checkpoint(last)
+    if ckpt["key"] != key:
+        raise TilepipeError(
+            f"{last}: checkpoint was made with other params, split or tiles (or process count); "
+            "set train.resume=false to start over"
+        )
+    return ckpt
+
+
+def start_or_resume(
+    params: Params, trainer: Trainer, last: Path, key: str, ranks: Ranks | None = None
+) -> dict[str, Any]:
+    """The loop state to start from: a matching checkpoint's (``train.resume``) or a fresh one.
+
+    On several processes every rank loads the checkpoint; only rank 0 clears old files.
+    """
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    for folder in (last.parent.parent, last.parent):
+    if ranks is not None:
+        state.update(tiles_seen_per_rank=[], ranks_cover_training_set=[])
+    main = ranks is None or ranks.main
+    for folder in (last.parent.parent, last.parent) if main else ():
         remove_leftovers(folder)  # temp files of a run that was killed mid-write
     if params.train.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        if ckpt["key"] != key:
-            raise TilepipeError(
-                f"{last}: checkpoint was made with other params, split or tiles; "
-                "set train.resume=false to start over"
-            )
+        ckpt = resumable(last, key)
         trainer.model.load_state_dict(ckpt["model"])
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
         trainer.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = json.loads(ckpt["state"])
-        print(f"train: resuming after epoch {state['epoch']} from {last}")
-    elif last.parent.exists():
+        if main:
+            print(f"train: resuming after epoch {state['epoch']} from {last}")
+    elif last.parent.exists() and main:
         shutil.rmtree(last.parent)
     return state
 
 
-def run_epoch(params: Params, trainer: Trainer, epoch: int) -> tuple[dict[str, float], np.ndarray]:
-    """Train one epoch, score the val split; the epoch's metrics and val confusion matrix."""
+def run_epoch(params: Params, trainer: Trainer, epoch: int, ranks: Ranks | None = None) -> tuple:
+    """Train one epoch, score the val split; the epoch's metrics and val confusion matrix.
+
+    On several processes, also who saw how many tiles; rank 0 alone validates (the others get None).
+    """
     tp, t = params.train, trainer
     started = time.perf_counter()
     t.loader.sampler.set_epoch(epoch)
     lr = t.optimizer.param_groups[0]["lr"]
     desc = f"epoch {epoch}/{tp.epochs}"
-    result = train_epoch(t.model, t.loader, t.loss_fn, t.optimizer, t.device, tp.precision, desc, t.scaler)
+    model, loss_fn, step = (
+        (t.model, t.loss_fn, train_epoch) if ranks is None else (t.ddp, t.loss_sum, ddp_train_epoch)
+    )
+    result = step(model, t.loader, loss_fn, t.optimizer, t.device, tp.precision, desc, t.scaler)
+    if ranks is not None:
+        per_rank, covered = gather_seen(t.loader.sampler.seen, t.loader.sampler.size)
+        if not ranks.main:
+            t.scheduler.step()
+            return None, None
+        t.ranks_record = {"tiles_seen_per_rank": per_rank, "ranks_cover_training_set": covered}
     n_classes = len(params.data.classes)
     cm, val_loss = score(t.model, t.val_loader, t.val_loss_fn, n_classes, t.device, tp.precision)
     t.scheduler.step()
@@ -208,81 +260,48 @@ def run_epoch(params: Params, trainer: Trainer, epoch: int) -> tuple[dict[str, f
     return metrics, cm
 
 
-def _keep_if_best(params: Params, state: dict, epoch: int, metrics: dict[str, float]) -> bool:
-    """Update the early-stopping state with this epoch's metric; True if it is the best so far."""
-    metric = params.train.early_stopping.metric
-    value, best = metrics[metric], state["best"]
-    improved = best is None or (value > best if MAXIMISE[metric] else value < best)
-    if improved:
-        state.update(best=value, best_epoch=epoch, bad_epochs=0)
-    else:
-        state["bad_epochs"] += 1
-    return improved
-
-
-def _print_epoch(params: Params, epoch: int, metrics: dict[str, float], improved: bool) -> None:
-    print(
-        f"epoch {epoch}/{params.train.epochs}: train_loss {metrics['train_loss']:.4f} "
-        f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.3f} "
-        f"val_macro_f1 {metrics['val_macro_f1']:.3f} "
-        f"{metrics['tiles_per_second']:.0f} tiles/s{' *' if improved else ''}",
-        flush=True,
-    )
-
-
 def train(
-    params: Params, tiles_dir: Path, split_json: Path, out_dir: Path, on_epoch: EpochHook | None = None
+    params: Params,
+    tiles_dir: Path,
+    split_json: Path,
+    out_dir: Path,
+    on_epoch: EpochHook | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """Train for ``train.epochs`` epochs (or until early stopping); keep the best epoch's model."""
+    """Train for ``train.epochs`` epochs (or until early stopping); keep the best epoch's model.
+
+    With ``ranks`` (a torch.distributed job), this process is one rank: all train, rank 0 alone
+    validates, writes files and calls ``on_epoch``; the others return an empty dict.
+    """
     tp = params.train
+    device = start_ranks(ranks, tp.batch_size, tp.threads, tp.precision) if ranks else None
     data = load_training_data(params, tiles_dir, split_json)
     keep_freed_memory()
-    trainer = make_trainer(params, data)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = make_trainer(params, data, ranks, device)
+    main = ranks is None or ranks.main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.pt"
-    key = run_key(params, split_json, tiles_dir)
-    state = start_or_resume(params, trainer, last, key)
+    key = run_key(params, split_json, tiles_dir, ranks)
+    state = start_or_resume(params, trainer, last, key, ranks)
+    if ranks is not None:
+        trainer.ddp = wrap(trainer.model, trainer.device)  # after a resume: every rank holds its weights
     stopped_early = False
     for epoch in range(state["epoch"] + 1, tp.epochs + 1):
-        metrics, cm = run_epoch(params, trainer, epoch)
-        improved = _keep_if_best(params, state, epoch, metrics)
-        if improved:
-            meta = model_meta(params, data.stats, data.tile_size, epoch, metrics)
-            save_model(out_dir / "model.pt", trainer.model, meta)
-            with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, cm)
-        state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, **metrics})
-        save_checkpoint(last, key, trainer.model, trainer.optimizer, trainer.scheduler, state)
-        _print_epoch(params, epoch, metrics, improved)
-        if on_epoch is not None:
+        metrics, cm = run_epoch(params, trainer, epoch, ranks)
+        stop = end_epoch(params, trainer, data, out_dir, key, state, epoch, metrics, cm) if main else False
+        if ranks is not None:
+            stop = broadcast(stop)
+            hold_if_asked(epoch, ranks, out_dir)
+        if on_epoch is not None and main:
             on_epoch(epoch, metrics)
-        if state["bad_epochs"] >= tp.early_stopping.patience:
+        if stop:
             stopped_early = True
-            print(f"train: early stop, no {tp.early_stopping.metric} gain in {state['bad_epochs']} epochs")
+            if main:
+                metric, bad = tp.early_stopping.metric, state["bad_epochs"]
+                print(f"train: early stop, no {metric} gain in {bad} epochs")
             break
-    return _finish(params, out_dir, state, data, stopped_early)
-
-
-def _finish(params: Params, out_dir: Path, state: dict, data: TrainingData, stopped_early: bool) -> dict:
-    history, refs = state["history"], data.refs
-    summary = {
-        "epochs_run": len(history),
-        "best_epoch": state["best_epoch"],
-        "best": {params.train.early_stopping.metric: state["best"]},
-        "stopped_early": stopped_early,
-        "train_tiles": len(refs["train"].tile),
-        "val_tiles": len(refs["val"].tile),
-        "train_scenes": len(refs["train"].scene_ids),
-        "val_scenes": len(refs["val"].scene_ids),
-        "tiles_seen_per_epoch": [int(h["tiles_seen"]) for h in history],
-        "train_class_counts": data.counts.tolist(),
-    }
-    write_json(out_dir / "train.json", summary)
-    columns = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_miou", "lr"]
-    lines = [",".join(columns)] + [",".join(f"{h[c]:.6g}" for c in columns) for h in history]
-    write_text(out_dir / "history.csv", "\n".join(lines) + "\n")
-    plot_curves(history, out_dir / "learning_curves.png")
-    cm = np.load(out_dir / "val_confusion.npy")
-    plot_confusion(cm, params.data.class_names, out_dir / "val_confusion.png", "Validation (best epoch)")
+    summary = finish(params, out_dir, state, data, stopped_early, ranks) if main else {}
+    if ranks is not None:
+        stop_ranks()
     return summary

@@ -1,0 +1,100 @@
+"""What each epoch and the whole training leave behind: the best model, the checkpoint, the summary.
+
+Rank 0 alone calls these when training runs on several processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilepipe.fsutil import atomic_path, write_json, write_text
+from tilepipe.ml.checkpoint import model_meta, save_checkpoint, save_model
+from tilepipe.ml.distributed import Ranks
+from tilepipe.ml.plots import plot_confusion, plot_curves
+from tilepipe.params import Params
+
+MAXIMISE = {"val_macro_f1": True, "val_accuracy": True, "val_miou": True, "val_loss": False}
+
+
+def _keep_if_best(params: Params, state: dict, epoch: int, metrics: dict[str, float]) -> bool:
+    """Update the early-stopping state with this epoch's metric; True if it is the best so far."""
+    metric = params.train.early_stopping.metric
+    value, best = metrics[metric], state["best"]
+    improved = best is None or (value > best if MAXIMISE[metric] else value < best)
+    if improved:
+        state.update(best=value, best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    return improved
+
+
+def _print_epoch(params: Params, epoch: int, metrics: dict[str, float], improved: bool) -> None:
+    print(
+        f"epoch {epoch}/{params.train.epochs}: train_loss {metrics['train_loss']:.4f} "
+        f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.3f} "
+        f"val_macro_f1 {metrics['val_macro_f1']:.3f} "
+        f"{metrics['tiles_per_second']:.0f} tiles/s{' *' if improved else ''}",
+        flush=True,
+    )
+
+
+def end_epoch(
+    params: Params,
+    trainer: Any,
+    data: Any,
+    out_dir: Path,
+    key: str,
+    state: dict,
+    epoch: int,
+    metrics: dict[str, float],
+    cm: np.ndarray,
+) -> bool:
+    """Keep the model if best, checkpoint, print; True when early stopping ends the training."""
+    improved = _keep_if_best(params, state, epoch, metrics)
+    if improved:
+        meta = model_meta(params, data.stats, data.tile_size, epoch, metrics)
+        save_model(out_dir / "model.pt", trainer.model, meta)
+        with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, cm)
+    state["epoch"] = epoch
+    state["history"].append({"epoch": epoch, **metrics})
+    for name, value in (trainer.ranks_record or {}).items():
+        state[name].append(value)
+    last = out_dir / "checkpoints" / "last.pt"
+    save_checkpoint(last, key, trainer.model, trainer.optimizer, trainer.scheduler, state)
+    _print_epoch(params, epoch, metrics, improved)
+    return state["bad_epochs"] >= params.train.early_stopping.patience
+
+
+def finish(
+    params: Params, out_dir: Path, state: dict, data: Any, stopped_early: bool, ranks: Ranks | None
+) -> dict:
+    """Write train.json, history.csv and the plots; the summary (tiles per rank on several processes)."""
+    history, refs = state["history"], data.refs
+    summary = {
+        "epochs_run": len(history),
+        "best_epoch": state["best_epoch"],
+        "best": {params.train.early_stopping.metric: state["best"]},
+        "stopped_early": stopped_early,
+        "train_tiles": len(refs["train"].tile),
+        "val_tiles": len(refs["val"].tile),
+        "train_scenes": len(refs["train"].scene_ids),
+        "val_scenes": len(refs["val"].scene_ids),
+        "tiles_seen_per_epoch": [int(h["tiles_seen"]) for h in history],
+        "train_class_counts": data.counts.tolist(),
+    }
+    if ranks is not None:
+        summary["world_size"] = ranks.world
+        summary["tiles_seen_per_rank"] = state["tiles_seen_per_rank"]  # per epoch, per rank
+        summary["ranks_cover_training_set"] = state["ranks_cover_training_set"]  # per epoch
+    write_json(out_dir / "train.json", summary)
+    columns = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_miou", "lr"]
+    lines = [",".join(columns)] + [",".join(f"{h[c]:.6g}" for c in columns) for h in history]
+    write_text(out_dir / "history.csv", "\n".join(lines) + "\n")
+    plot_curves(history, out_dir / "learning_curves.png")
+    cm = np.load(out_dir / "val_confusion.npy")
+    plot_confusion(cm, params.data.class_names, out_dir / "val_confusion.png", "Validation (best epoch)")
+    return summary
