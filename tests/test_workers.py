@@ -127,5 +127,5 @@ def test_deploy_refuses_a_pool_of_another_type(tmp_path, prefect_api):
     deploy = [str(BIN / "tilepipe"), "deploy", "--params", str(PARAMS), "--pool", "not-process"]
     done = subprocess.run(deploy, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
-    expected = "work pool 'not-process' is of type docker, not process: name another (--pool)"
+    expected = "work pool 'not-process' is of type docker, not process: name another with --pool"
     assert done.stderr.strip() == f"tilepipe deploy: error: {expected}"
