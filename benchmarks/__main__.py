@@ -15,7 +15,17 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import datapath, memory, orchestration, seeds, startup, tiling, torchgeo_compare, training
+from benchmarks import (
+    dask_tiling,
+    datapath,
+    memory,
+    orchestration,
+    seeds,
+    startup,
+    tiling,
+    torchgeo_compare,
+    training,
+)
 from benchmarks.common import load, machine, save
 
 BENCHMARKS = {
@@ -26,6 +36,7 @@ BENCHMARKS = {
     "training": training.run,
     "orchestration": orchestration.run,
     "startup": startup.run,
+    "dask": dask_tiling.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
 ON_REQUEST = {"seeds": seeds.run}

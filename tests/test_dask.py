@@ -99,7 +99,7 @@ class Cluster:
         args = ["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"]
         self.scheduler = spawn(args, folder / "scheduler.log", folder)
         self.workers: dict[str, subprocess.Popen] = {}
-        self.client = Client(self.address, timeout=60)
+        self.client = Client(self.address, timeout=60, set_as_default=False)  # not the flow's
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen:
         """One single-threaded worker process, no nanny (a killed worker stays dead), cwd elsewhere."""
