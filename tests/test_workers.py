@@ -18,6 +18,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
     FlowRunFilterStateName,
+    WorkPoolFilter,
+    WorkPoolFilterName,
 )
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
@@ -109,9 +111,10 @@ def test_deployments_on_a_work_pool_run_on_demand_and_on_schedule_in_a_worker(tm
 
 
 def scheduled_runs(client, deployment_id) -> list:
-    """The deployment's runs in state Scheduled, soonest first."""
+    """The deployment's runs in state Scheduled for the pool's workers, soonest first."""
     return client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[POOL])),
         flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Scheduled"]))
         ),
