@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks import (
+    dask_tiling,
     datapath,
     ddp,
     memory,
@@ -39,6 +40,7 @@ BENCHMARKS = {
     "orchestration": orchestration.run,
     "startup": startup.run,
     "remote": remote.run,
+    "dask": dask_tiling.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
 ON_REQUEST = {"seeds": seeds.run}

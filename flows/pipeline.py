@@ -15,10 +15,12 @@ from rasterio.errors import RasterioError
 
 from tilepipe.errors import TilepipeError
 from tilepipe.flows import dvc_cli
+from tilepipe.flows.dask_runner import api_for_workers, check_scheduler, for_workers, task_runner
 from tilepipe.flows.fanout import run_each
 from tilepipe.flows.repo_lock import pipeline_lock
 from tilepipe.flows.report import publish_metrics
 from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.fsutil import remove_leftovers
 from tilepipe.geo.read_errors import is_transient_read_error
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
@@ -75,15 +77,16 @@ def plan_task(params: Params, scenes_json: Path) -> list[SceneRecord]:
 
 
 @step(name="tile", retries=3, retry_delay_seconds=BACKOFF, retry_condition_fn=is_transient)
-def tile_task(scene: SceneRecord, params: Params) -> Path:
-    """Tile one scene into data/tiles/<scene_id>."""
-    tile_one(scene, params, TILES)
+def tile_task(scene: SceneRecord, params: Params, out_dir: Path = TILES) -> Path:
+    """Tile one scene into data/tiles/<scene_id> (``out_dir``: that folder as a Dask worker sees it)."""
+    tile_one(scene, params, out_dir)
     return TILES / scene.scene_id
 
 
 @step(name="summarize-tiles")
 def summary_task(scenes_json: Path, tiled: list[Path]) -> Path:
-    """Write data/tiles/summary.json once every scene is tiled."""
+    """Write data/tiles/summary.json once every scene is tiled; drop what a killed worker left."""
+    remove_leftovers(TILES)  # every tile task is over: a temp folder now is a dead worker's
     summarize_tiles(scenes_json, TILES)
     return TILES
 
@@ -144,11 +147,20 @@ def needs_synthesis(params: Params) -> bool:
 
 
 def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
-    """One tile task per scene, at most ``tile.workers`` at a time; raises if any scene failed."""
+    """One tile task per scene, at most ``tile.workers`` at a time; raises if any scene failed.
+
+    The tasks run in a thread pool here or on a Dask cluster (``orchestrate``): the same shards.
+    """
     if not todo:
         return []
-    calls = [(f"tile-{scene.scene_id}", {"scene": scene, "params": params}) for scene in todo]
-    return run_each(tile_task, calls, params.tile.workers)
+    out_dir = TILES if params.orchestrate.runner == "threads" else TILES.resolve()
+    calls = [
+        (f"tile-{s.scene_id}", {"scene": for_workers(params, s), "params": params, "out_dir": out_dir})
+        for s in todo
+    ]
+    check_scheduler(params)
+    with api_for_workers(params):
+        return run_each(tile_task, calls, params.tile.workers, task_runner(params))
 
 
 @flow(name="tilepipe", log_prints=True)

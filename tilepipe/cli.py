@@ -159,6 +159,16 @@ def _serve(params: Params, args: argparse.Namespace) -> None:
     serve(args.params, args.overrides)
 
 
+@command("deploy", "register the nightly and on-demand deployments to a process work pool")
+def _deploy(params: Params, args: argparse.Namespace) -> None:
+    from tilepipe.flows.deploy import deploy
+
+    folder = deploy(args.params, args.overrides, args.pool, args.workdir)
+    names = "tilepipe/nightly and tilepipe/on-demand"
+    print(f"deploy: {names} registered to work pool {args.pool!r}; flow runs work in {folder}")
+    print(f"deploy: start a worker with `prefect worker start --pool {args.pool} --limit 1`")
+
+
 @command("study", "scene-scaling study: held-out score against the number of training scenes")
 def _study(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.params import apply_overrides, validate
@@ -240,9 +250,7 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         _path_args(s, out=w.SCENES),
     ),
     "tile": lambda s: _path_args(s, scenes=w.SCENES, out=w.TILES),
-    "split": lambda s: _path_args(
-        s, scenes=w.SCENES, tiles=w.TILES, out=w.SPLIT
-    ),
+    "split": lambda s: _path_args(s, scenes=w.SCENES, tiles=w.TILES, out=w.SPLIT),
     "train": lambda s: (
         _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS),
         s.add_argument(
@@ -307,10 +315,26 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--to-csv", type=Path, default=None, metavar="OUT.csv",
                        help="also write the equivalent CSV catalog (paths relative to it)"),
         s.add_argument(
-            "--params", nargs="?", type=Path, default=None, const=Path("params.yaml"), metavar="FILE",
+            "--params",
+            nargs="?",
+            type=Path,
+            default=None,
+            const=Path("params.yaml"),
+            metavar="FILE",
             help="also print data: and bands: sections for FILE (default: params.yaml) that fit the catalog",
         ),  # fmt: skip
         s.add_argument("--write", action="store_true", help="merge those sections into the params file"),
+    ),
+    "deploy": lambda s: (
+        s.add_argument(
+            "--pool", default="tilepipe", help="process work pool, created if missing (default: tilepipe)"
+        ),
+        s.add_argument(
+            "--workdir",
+            type=Path,
+            default=None,
+            help="the project folder the flow runs work in on the workers' machines (default: this one)",
+        ),  # fmt: skip
     ),
     "flow": lambda s: s.add_argument(
         "flow", nargs="?", choices=["pipeline", "study"], default="pipeline", help="(default: pipeline)"

@@ -247,6 +247,21 @@ class ScheduleParams(Section):
     cron: str = "0 2 * * *"
 
 
+class OrchestrateParams(Section):
+    """Where the flow's tile tasks run: a thread pool in the flow's process, or a Dask cluster."""
+
+    runner: Literal["threads", "dask"] = "threads"
+    # an existing scheduler (`dask scheduler`), e.g. tcp://10.0.0.5:8786; null: a LocalCluster of
+    # tile.workers processes started for the run
+    dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls)://[^\s/:]+:[0-9]{1,5}$")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> OrchestrateParams:
+        if self.dask_address and self.runner != "dask":
+            raise ValueError("dask_address is set but runner is threads: set orchestrate.runner: dask")
+        return self
+
+
 class TrackParams(Section):
     """MLflow experiment, registered model name and the metric that crowns a champion."""
 
@@ -270,6 +285,7 @@ class Params(Section):
     predict: PredictParams
     track: TrackParams
     schedule: ScheduleParams = ScheduleParams()
+    orchestrate: OrchestrateParams = OrchestrateParams()
     study: StudyParams = StudyParams()
 
     @model_validator(mode="after")
