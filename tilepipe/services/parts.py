@@ -195,6 +195,7 @@ def mlflow_env(ports: Ports) -> dict[str, str]:
     """The tracking server reaches the bucket with the stack's S3 endpoint and keys."""
     env = {**base_env(), **client_env(ports)}
     env.pop("MLFLOW_TRACKING_URI")
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner: 7 more processes, GenAI only
     return env
 
 
