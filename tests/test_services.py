@@ -190,3 +190,28 @@ def test_server_gone_for_good_is_one_line_and_the_model_stays(services, prepared
     assert "after 2 retries" in lines[0] and str(tmp_path / "models") in lines[0]
     assert (tmp_path / "models" / "model.pt").is_file()
     assert (tmp_path / "models" / "checkpoints" / "last.pt").is_file()
+
+
+def test_study_parent_and_child_runs_on_the_server(services, tmp_path, monkeypatch):
+    from tests.conftest import prepare_tiny_pipeline
+    from tests.test_study import SPLITS, TINY, study_cli
+
+    prepare_tiny_pipeline(tmp_path, *TINY, splits=tuple(SPLITS), size=(160, 160))
+    monkeypatch.chdir(tmp_path)
+    for key, value in services.env.items():
+        monkeypatch.setenv(key, value)
+    assert study_cli(tmp_path, "--sizes", "1", "--repeats", "1", extra=("track.experiment=svc-study",)) == 0
+    client = MlflowClient(services.env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("svc-study").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("study") == "scene-scaling"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(c.data.tags["study.kind"] for c in children) == ["scenes", "trap"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert _epochs(client, child.info.run_id) == [1, 2]
+        assert "test_macro_f1" in child.data.metrics
+    assert [m.step for m in client.get_metric_history(parents[0].info.run_id, "heldout_macro_f1")] == [1]
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "study")} == {
+        "study/study.csv", "study/study.json", "study/study.png"
+    }

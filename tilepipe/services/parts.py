@@ -131,7 +131,10 @@ def pg_argv(data: Path, port: int) -> list[str]:
 def pg_ready(port: int) -> bool:
     """True if PostgreSQL accepts connections on 127.0.0.1:port."""
     argv = [pg_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER]
-    return subprocess.run(argv, check=False, capture_output=True, timeout=10).returncode == 0
+    try:
+        return subprocess.run(argv, check=False, capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def pg_create_databases(port: int) -> None:
@@ -163,6 +166,7 @@ def s3_ready(port: int) -> bool:
 def s3_create_buckets(port: int) -> None:
     """Create the stack's buckets (those missing)."""
     import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
 
     env = client_env(Ports(0, port, 0, 0))
     s3 = boto3.client(
@@ -172,10 +176,14 @@ def s3_create_buckets(port: int) -> None:
         aws_secret_access_key=S3_KEY,
         region_name=env["AWS_DEFAULT_REGION"],
     )
-    have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-    for bucket in BUCKETS:
-        if bucket not in have:
-            s3.create_bucket(Bucket=bucket)
+    try:
+        have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+        for bucket in BUCKETS:
+            if bucket not in have:
+                s3.create_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as exc:
+        where = env["AWS_ENDPOINT_URL"]
+        raise TilepipeError(f"services: cannot create the buckets at {where}: {exc}") from None
 
 
 # --- MLflow and Prefect -------------------------------------------------------------------------
