@@ -134,14 +134,20 @@ def test_two_trainings_at_once_then_evaluate_register_and_load_the_champion(serv
     assert fresh.stdout.strip().splitlines()[-1] == "(2, 5)"
 
 
-def _train_until_epoch(tmp_path: Path, env: dict, name: str, out: str) -> subprocess.Popen:
-    """Start a longer training; return once it printed its first epoch (its run is open)."""
-    extra = ("train.epochs=12", "train.early_stopping.patience=100")
-    proc = subprocess.Popen(_train_cmd(tmp_path, name, out, *extra), cwd=tmp_path, env=env,
+EPOCHS = 8
+
+
+def _start_training(tmp_path: Path, env: dict, name: str, out: str) -> subprocess.Popen:
+    extra = (f"train.epochs={EPOCHS}", "train.early_stopping.patience=100")
+    return subprocess.Popen(_train_cmd(tmp_path, name, out, *extra), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_first_epoch(proc: subprocess.Popen) -> None:
+    """Return once the training printed its first epoch (its run is open, its model on disk)."""
     for line in proc.stdout:
         if line.startswith("epoch 1/"):
-            return proc
+            return
     pytest.fail(f"training ended before its first epoch: {proc.wait()} {proc.stderr.read()[-3000:]}")
 
 
@@ -150,46 +156,45 @@ def _crash_mlflow(home: Path) -> None:
     stop(dataclasses.replace(proc, stop_signal="SIGKILL"))  # a crash: no goodbye to the clients
 
 
-def test_server_away_for_10_s_loses_no_epoch(services, prepared):
+def test_server_away_for_10_s_loses_no_epoch_and_gone_for_good_is_one_line(services, prepared):
+    """Two trainings when the server crashes: one with MLflow's retries (backoff 1 s instead of 2, to
+    keep the test short) outlives a 10 s outage; one allowed 2 retries gives up, model kept."""
     tmp_path, _ = prepared
-    # MLflow's own retries carry the training over the outage; backoff 1 s (default 2) keeps the test short
-    env = _env(services, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    proc = _train_until_epoch(tmp_path, env, "svc-outage", "models")
-    _crash_mlflow(services.home)
-    crashed = time.monotonic()
-    time.sleep(10)
-    _, started = services_stack.up(services.home)
-    assert started == ["mlflow"], "only the missing server is started again, on its port"
-    back = time.monotonic()
-    out, err = proc.communicate(timeout=600)
-    print(f"outage {back - crashed:.1f} s; training ended {time.monotonic() - back:.1f} s after the restart")
-    assert proc.returncode == 0, err[-3000:]
-    run_id = json.loads((tmp_path / "models" / "run.json").read_text())["run_id"]
-    client = MlflowClient(services.env["MLFLOW_TRACKING_URI"])
-    assert client.get_run(run_id).info.status == "FINISHED"
-    for metric in EPOCH_METRICS:
-        assert _epochs(client, run_id, metric) == list(range(1, 13)), metric
-
-
-def test_server_gone_for_good_is_one_line_and_the_model_stays(services, prepared):
-    tmp_path, _ = prepared
-    env = _env(services, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    proc = _train_until_epoch(tmp_path, env, "svc-gone", "models")
+    kept_env = _env(services, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    kept = _start_training(tmp_path, kept_env, "svc-kept", "kept")
+    gone_env = _env(services, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    gone = _start_training(tmp_path, gone_env, "svc-gone", "gone")
+    _wait_first_epoch(kept)
+    _wait_first_epoch(gone)
     _crash_mlflow(services.home)
     crashed = time.monotonic()
     try:
-        out, err = proc.communicate(timeout=600)
-        print(f"training failed {time.monotonic() - crashed:.1f} s after the crash (2 retries, backoff 1)")
+        _, err = gone.communicate(timeout=600)
+        failed = time.monotonic() - crashed
+        time.sleep(max(0.0, 10 - failed))
     finally:
-        services_stack.up(services.home)  # back for the next tests
-    assert proc.returncode == 1, out + err
+        _, started = services_stack.up(services.home)
+    back = time.monotonic()
+    assert started == ["mlflow"], "only the missing server is started again, on its port"
+    _, kept_err = kept.communicate(timeout=600)
+    print(f"gave up {failed:.1f} s after the crash (2 retries, backoff 1); server back after "
+          f"{back - crashed:.1f} s; the other training ended {time.monotonic() - back:.1f} s after that")
+
+    assert gone.returncode == 1, err
     lines = [line for line in err.strip().splitlines() if " INFO mlflow" not in line]  # "Creating experiment"
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     uri = services.env["MLFLOW_TRACKING_URI"]
     assert lines[0].startswith(f"tilepipe train: error: MLflow tracking server {uri} stopped answering")
-    assert "after 2 retries" in lines[0] and str(tmp_path / "models") in lines[0]
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert (tmp_path / "models" / "checkpoints" / "last.pt").is_file()
+    assert "after 2 retries" in lines[0] and str(tmp_path / "gone") in lines[0]
+    assert (tmp_path / "gone" / "model.pt").is_file()
+    assert (tmp_path / "gone" / "checkpoints" / "last.pt").is_file()
+
+    assert kept.returncode == 0, kept_err[-3000:]
+    run_id = json.loads((tmp_path / "kept" / "run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for metric in EPOCH_METRICS:
+        assert _epochs(client, run_id, metric) == list(range(1, EPOCHS + 1)), metric
 
 
 def test_study_parent_and_child_runs_on_the_server(services, tmp_path, monkeypatch):
