@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # dvc.yaml calls `tilepipe`, so the venv's bin must be on PATH for `dvc repro`.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test lint bench ui serve clean
+.PHONY: run test lint bench ui serve services clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ ui: $(STAMP)
 
 serve: $(STAMP)  # needs a Prefect server: see docs/orchestration.md
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/tilepipe serve
+
+# PostgreSQL, S3 (moto), MLflow and Prefect servers on 127.0.0.1 under .services/ (docs/team-setup.md);
+# prints the export lines to use them. `tilepipe services down` stops them, `... status` shows them.
+services: $(STAMP)
+	$(BIN)/tilepipe services up
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache

@@ -41,7 +41,7 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    with training_run(params, split_json):
+    with training_run(params, split_json, model_dir=Path(out_dir)):
         summary = train_model(params, tiles_dir, split_json, out_dir, on_epoch=log_and_forward, ranks=ranks)
         run = log_trained_model(out_dir)
     return {**summary, **run}

@@ -17,7 +17,11 @@ from rasterio.transform import from_origin
 
 from tilepipe.params import load_params
 
-pytest_plugins = ["tests.prefect_server", "tests.s3_server"]  # real Prefect and S3 servers, once per session
+pytest_plugins = [
+    "tests.prefect_server",  # the `prefect_api` fixture: one real Prefect server per session
+    "tests.s3_server",  # the `s3` fixture: one S3 server (moto, signatures checked) per session
+    "tests.services_stack",  # the `services` fixture: the stack of `tilepipe services up`, once per session
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["water", "forest", "cropland", "urban", "bare"]

@@ -181,6 +181,27 @@ def _study(params: Params, args: argparse.Namespace) -> None:
     study(params, args.tiles, args.split, args.out)
 
 
+@command("services", "start (up), stop (down) or show (status) PostgreSQL, S3, MLflow and Prefect servers")
+def _services(params: Params | None, args: argparse.Namespace) -> None:
+    from tilepipe.services import stack
+
+    if args.action == "up":
+        running, started = stack.up(args.dir)
+        what = f"started {', '.join(started)}" if started else "already running, nothing started"
+        print(f"# tilepipe services: {what}; logs in {running.home / 'logs'}")
+        print(running.exports(), end="")
+    elif args.action == "down":
+        stopped = stack.down(args.dir)
+        done = f"stopped {', '.join(stopped)}" if stopped else f"none running in {args.dir}"
+        print(f"services: {done}")
+    else:
+        rows = stack.status(args.dir)
+        if not rows:
+            print(f"services: no stack in {args.dir} (run `tilepipe services up`)")
+        for name, url, state in rows:
+            print(f"{name:9} {url:45} {state}")
+
+
 def _sizes(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -227,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
+        if name in NO_PARAMS:
+            PATHS[name](sub)
+            continue
         if name != "catalog":  # there, --params [FILE] also asks for the proposed sections
             sub.add_argument(
                 "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
@@ -336,12 +360,17 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             help="the project folder the flow runs work in on the workers' machines (default: this one)",
         ),  # fmt: skip
     ),
+    "services": lambda s: (
+        s.add_argument("action", choices=["up", "down", "status"], help="start, stop or show the stack"),
+        s.add_argument("--dir", type=Path, default=Path(".services"), help="its folder (default: .services)"),
+    ),
     "flow": lambda s: s.add_argument(
         "flow", nargs="?", choices=["pipeline", "study"], default="pipeline", help="(default: pipeline)"
     ),
 }
 
 
+NO_PARAMS = {"services"}  # commands that run without a params file
 TORCH_COMMANDS = {"train", "evaluate", "predict", "flow", "serve", "study"}
 
 
@@ -360,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="rasterio")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     try:
-        params = load_params(args.params or Path("params.yaml"), args.overrides)
-        configure_process(params, args.command)
+        params = None
+        if args.command not in NO_PARAMS:
+            params = load_params(args.params or Path("params.yaml"), args.overrides)
+        if params is not None:
+            configure_process(params, args.command)
         COMMANDS[args.command][1](params, args)
     except TilepipeError as exc:
         print(f"tilepipe {args.command}: error: {exc}", file=sys.stderr)

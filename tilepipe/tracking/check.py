@@ -75,21 +75,50 @@ def probe_sqlite(uri: str, busy_s: float = SQLITE_BUSY_S) -> None:
         raise unusable(uri, short_cause(exc)) from None
 
 
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted",
+               "Read timed out", "RemoteDisconnected", "Failed to establish a new connection")  # fmt: skip
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True if a call to the store failed because the server stopped answering (after MLflow's retries)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(needle in text for needle in UNREACHABLE)
+
+
+def lost(uri: str, exc: BaseException, model_dir: Path | None) -> TilepipeError:
+    """The one-line error for a tracking server that went away during training."""
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    kept = f"; the model trained so far stays in {model_dir}" if model_dir is not None else ""
+    return TilepipeError(
+        f"MLflow tracking server {uri} stopped answering during training ({short_cause(exc)}; "
+        f"gave up after {retries} retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES){kept}. "
+        "Start the server again and rerun (train.resume continues from the last checkpoint)."
+    )
+
+
 @contextmanager
-def fail_fast(uri: str) -> Iterator[None]:
-    """Run the first calls to the store bounded in time; any failure is one :class:`TilepipeError`."""
-    probe_sqlite(uri)
+def quick_http() -> Iterator[None]:
+    """HTTP calls to the store without retries and with a short timeout (for a server already gone)."""
     saved = {name: os.environ.get(name) for name in HTTP_PROBE_ENV}
     os.environ.update(HTTP_PROBE_ENV)
     try:
         yield
-    except TilepipeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any store failure here means tracking is unusable
-        raise unusable(uri, short_cause(exc)) from None
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def fail_fast(uri: str) -> Iterator[None]:
+    """Run the first calls to the store bounded in time; any failure is one :class:`TilepipeError`."""
+    probe_sqlite(uri)
+    with quick_http():
+        try:
+            yield
+        except TilepipeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any store failure here means tracking is unusable
+            raise unusable(uri, short_cause(exc)) from None

@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import yaml
 from tilepipe.fsutil import file_sha256, write_json
 from tilepipe.ml.checkpoint import load_model
 from tilepipe.params import Params, flatten
-from tilepipe.tracking.check import fail_fast
+from tilepipe.tracking.check import fail_fast, is_unreachable, lost, quick_http
 from tilepipe.tracking.fetch import WEIGHTS
 from tilepipe.tracking.store import connected_mlflow, tracking_uri
 
@@ -94,20 +94,40 @@ def run_name(params: Params) -> str:
 
 @contextmanager
 def training_run(
-    params: Params, split_json: Path, name: str | None = None, tags: dict[str, str] | None = None
+    params: Params,
+    split_json: Path,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+    model_dir: Path | None = None,
 ) -> Iterator[Any]:
     """Open an MLflow run in the params' experiment with params, lineage tags and ``tags`` logged.
 
     The run is called ``name`` (default: :func:`run_name`) and tagged with the DVC experiment.
+    A tracking server that stops answering is retried by MLflow (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    with backoff): a short outage only pauses the logging call. One gone for good ends the run here
+    with one line; the model and checkpoint already written in ``model_dir`` stay.
     """
     mlflow = connected_mlflow()
-    with fail_fast(tracking_uri()):  # bounded probe: a down server or a locked store fails here
+    uri = tracking_uri()
+    with fail_fast(uri):  # bounded probe: a down server or a locked store fails here
         mlflow.set_experiment(params.track.experiment)
-        active = mlflow.start_run(run_name=name or run_name(params))
-    with active as run:
+        run = mlflow.start_run(run_name=name or run_name(params))
+    try:
         mlflow.log_params(flatten(params))
         mlflow.set_tags({**lineage_tags(split_json), **dvc_exp_tags(), **(tags or {})})
         yield run
+    except BaseException as exc:
+        unreachable = is_unreachable(exc)
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            with quick_http() if unreachable else nullcontext():
+                mlflow.end_run(status)
+        except Exception:  # noqa: BLE001, S110 - the server is gone: the run stays RUNNING there
+            pass
+        if unreachable:
+            raise lost(uri, exc, model_dir) from None
+        raise
+    mlflow.end_run()
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
