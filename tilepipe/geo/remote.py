@@ -68,7 +68,6 @@ def gdal_cloud_options() -> dict[str, str]:
         "GDAL_HTTP_RETRY_DELAY": "1",  # ... with a growing delay from 1 s
         "GDAL_HTTP_TIMEOUT": "60",
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",  # one request for adjacent tiles of a window
-        "VSI_CACHE": "TRUE",  # a small per-file block cache (VSI_CACHE_SIZE, 25 MB by default)
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and not os.environ.get("AWS_S3_ENDPOINT"):  # GDAL knows only AWS_S3_ENDPOINT
