@@ -74,8 +74,10 @@ def test_an_s3_restart_mid_tiling_is_absorbed(tmp_path, monkeypatch):
         outage = threading.Thread(target=_outage, args=(server, local, tmp_path / "data" / "tiles", release))
         outage.start()
         monkeypatch.chdir(tmp_path)
-        tile_flow(scenes, params)  # raises if the scene fails for good
-        outage.join()
+        try:
+            tile_flow(scenes, params)  # raises if the scene fails for good
+        finally:
+            outage.join(timeout=180)  # before stopping: the thread may start the server again
     finally:
         server.stop()
 
