@@ -83,3 +83,71 @@ def test_push_to_the_bucket_pull_into_a_clone_and_a_deleted_shard_is_reported(se
     _run(["dvc", "pull"], third, env)
     shard = Path("data") / "tiles" / relpath
     assert (third / shard).read_bytes() == (repo / shard).read_bytes()
+
+
+def test_end_to_end_on_the_stack(services, tmp_path):
+    """Scenes in the bucket, `dvc repro` with the tiles pushed to the bucket remote, the MLflow run on
+    the server with its artifacts in the bucket, `tilepipe predict` with the server's champion."""
+    import csv
+    import os
+
+    from mlflow import MlflowClient
+
+    repo, env = dvc_project(tmp_path, TINY)
+    env = {**env, **services.env}  # the tracking server, the S3 endpoint and its credentials
+    _run(["dvc", "repro", "synthesize"], repo, env)
+    s3 = _s3(services)
+    scenes, prefix = repo / "data" / "synthetic", f"e2e-{tmp_path.name}"
+    with open(scenes / "catalog.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for column in ("image", "labels"):
+            s3.upload_file(str(scenes / row[column]), "tilepipe-scenes", f"{prefix}/{row[column]}")
+            row[column] = f"s3://tilepipe-scenes/{prefix}/{row[column]}"
+    (repo / "data" / "remote").mkdir()
+    with open(repo / "data" / "remote" / "catalog.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(catalog="data/remote/catalog.csv", imagery="data/remote")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "remote", "add", "-d", "bucket", f"s3://{BUCKET}/{prefix}"], repo, env)
+    _run(["dvc", "repro"], repo, env)
+    _run(["dvc", "push"], repo, env)
+
+    # The tiles are those of the same scenes read from local disk (the index's fingerprint aside).
+    local_scenes = tmp_path / "local-scenes.json"
+    _run(
+        ["tilepipe", "ingest", "--catalog", str(scenes / "catalog.csv"), "--out", str(local_scenes)],
+        repo,
+        env,
+    )
+    _run(
+        ["tilepipe", "tile", "--scenes", str(local_scenes), "--out", str(tmp_path / "local-tiles")], repo, env
+    )
+    remote_tiles = repo / "data" / "tiles"
+    for path in sorted((tmp_path / "local-tiles").rglob("*.npy")):
+        assert path.read_bytes() == (remote_tiles / path.relative_to(tmp_path / "local-tiles")).read_bytes()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/files/md5/")["Contents"]]
+    assert len(keys) > 10  # tiles, model and the rest in the bucket remote
+
+    old = {k: os.environ.get(k) for k in services.env}
+    os.environ.update(services.env)
+    try:
+        client = MlflowClient()
+        name = params["track"]["model_name"]
+        champion = client.get_model_version_by_alias(name, "champion")
+        run = client.get_run(champion.run_id)
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:") or run.info.artifact_uri.startswith(
+            "s3://"
+        )
+        stored = s3.list_objects_v2(Bucket="tilepipe-mlflow")["KeyCount"]
+        assert stored > 0 and run.data.metrics["val_macro_f1"] >= 0
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    scene = next(scenes.glob("*.tif"))
+    out = tmp_path / "map.tif"
+    _run(["tilepipe", "predict", str(scene), str(out), "--model", f"models:/{name}@champion"], repo, env)
+    assert out.is_file() and out.with_suffix(".json").is_file()  # the map and its STAC item
