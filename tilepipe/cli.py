@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tilepipe import wiring as w
 from tilepipe.errors import TilepipeError
+from tilepipe.geo.remote import as_location
 from tilepipe.params import Params, load_params
 
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], object]]] = {}
@@ -300,7 +301,7 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--no-register", action="store_true", help="do not register the model"),
     ),
     "predict": lambda s: (
-        s.add_argument("scene", type=Path, nargs="?", help="the scene to map (GeoTIFF)"),
+        s.add_argument("scene", type=as_location, nargs="?", help="the scene to map: a GeoTIFF, s3:// or https://"),
         s.add_argument("output", type=Path, nargs="?", help="output GeoTIFF (COG)"),
         s.add_argument(
             "--test-scenes",

@@ -24,6 +24,7 @@ from rasterio.warp import transform as warp_points
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import write_json
+from tilepipe.geo.raster_io import gdal_env
 from tilepipe.mapping.blend import NODATA
 from tilepipe.mapping.scene import class_colours
 from tilepipe.ml.checkpoint import ModelMeta
@@ -79,7 +80,7 @@ def source_datetime(scene: str | Path, known: str | None) -> datetime | None:
     if known:
         return pystac.utils.str_to_datetime(known)
     try:
-        with rasterio.open(scene) as src:
+        with gdal_env(), rasterio.open(scene) as src:  # gdal_env: the settings for an s3:// scene
             stamp = src.tags().get("TIFFTAG_DATETIME", "")
         return datetime.strptime(stamp.strip(), TIFF_DATETIME).replace(tzinfo=UTC)
     except (rasterio.errors.RasterioError, ValueError):

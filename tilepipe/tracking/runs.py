@@ -190,6 +190,9 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
         flat[f"test_scene_accuracy_{scene}"] = float(acc)
     for name, scores in metrics.get("per_class", {}).items():
         flat[f"test_f1_{name}"] = float(scores["f1"])
+    # the run's own experiment: one this process set earlier (another store, another params file)
+    # would make MLflow refuse to reopen the run
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(flat)
         for name in ("metrics.json", "test_confusion.png", "report.txt"):
