@@ -9,9 +9,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from tilepipe import wiring as w
+from tilepipe.cli_args import PATHS
 from tilepipe.errors import TilepipeError
-from tilepipe.geo.remote import as_location
 from tilepipe.params import Params, load_params
 
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], object]]] = {}
@@ -25,12 +24,6 @@ def command(name: str, help_text: str):
         return fn
 
     return register
-
-
-def _path_args(sub: argparse.ArgumentParser, **paths: Path) -> None:
-    for name, default in paths.items():
-        flag = f"--{name.replace('_', '-')}"
-        sub.add_argument(flag, type=Path, default=default, help=f"(default: {default})")
 
 
 @command("synthesize", "write the built-in synthetic scene collection and its catalog")
@@ -203,13 +196,6 @@ def _services(params: Params | None, args: argparse.Namespace) -> None:
             print(f"{name:9} {url:45} {state}")
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected scene counts like 1,2,4") from None
-
-
 @command("report", "print a summary of the pipeline's outputs (or, --markdown, the results table)")
 def _report(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.tiles.splitting import print_summary
@@ -268,107 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "synthesize": lambda s: _path_args(s, out=w.SYNTHETIC),
-    "ingest": lambda s: (
-        s.add_argument("--catalog", type=Path, default=None, help="(default: data.catalog in params)"),
-        _path_args(s, out=w.SCENES),
-    ),
-    "tile": lambda s: _path_args(s, scenes=w.SCENES, out=w.TILES),
-    "split": lambda s: _path_args(s, scenes=w.SCENES, tiles=w.TILES, out=w.SPLIT),
-    "train": lambda s: (
-        _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS),
-        s.add_argument(
-            "--nproc-per-node", type=int, default=None, metavar="N",
-            help="train on N processes of this machine, torchrun-style (default: train.nproc_per_node)",
-        ),  # fmt: skip
-    ),
-    "evaluate": lambda s: (
-        _path_args(
-            s,
-            model_dir=w.MODELS,
-            tiles=w.TILES,
-            split=w.SPLIT,
-            out=w.METRICS,
-            scenes=w.SCENES,
-        ),  # fmt: skip
-        s.add_argument(
-            "--maps",
-            type=Path,
-            default=None,
-            help="also score the full-scene maps in this folder (from `tilepipe predict --test-scenes`)",
-        ),  # fmt: skip
-        s.add_argument("--no-register", action="store_true", help="do not register the model"),
-    ),
-    "predict": lambda s: (
-        s.add_argument("scene", type=as_location, nargs="?", help="the scene to map: a GeoTIFF, s3:// or https://"),
-        s.add_argument("output", type=Path, nargs="?", help="output GeoTIFF (COG)"),
-        s.add_argument(
-            "--test-scenes",
-            type=Path,
-            default=None,
-            metavar="DIR",
-            help="instead of one scene, map every held-out test scene of --split into DIR/<scene_id>.tif",
-        ),  # fmt: skip
-        _path_args(s, scenes=w.SCENES, split=w.SPLIT),
-        s.add_argument(
-            "--model",
-            default=None,
-            help="models:/NAME@ALIAS, an MLflow run id, or a model.pt path "
-            "(default: models:/<track.model_name>@champion)",
-        ),
-        s.add_argument("--probabilities", action="store_true", help="add per-class probability bands"),
-        s.add_argument(
-            "--bands",
-            default=None,
-            help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
-        ),
-    ),
-    "report": lambda s: (
-        _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json"),
-        s.add_argument("--markdown", action="store_true", help="print the headline results table (Markdown)"),
-        s.add_argument("--readme", type=Path, default=None, help="write that table into this README's block"),
-    ),
-    "study": lambda s: (
-        _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.STUDY),
-        s.add_argument("--sizes", type=_sizes, default=None, help="training-scene counts, e.g. 1,2,4,6"),
-        s.add_argument("--repeats", type=int, default=None, help="seeded repeats (default: study.repeats)"),
-    ),
-    "catalog": lambda s: (
-        s.add_argument("catalog", type=Path, help="the catalog: a CSV, or a STAC catalog, collection or item "
-                       "collection (JSON)"),
-        s.add_argument("--to-csv", type=Path, default=None, metavar="OUT.csv",
-                       help="also write the equivalent CSV catalog (paths relative to it)"),
-        s.add_argument(
-            "--params",
-            nargs="?",
-            type=Path,
-            default=None,
-            const=Path("params.yaml"),
-            metavar="FILE",
-            help="also print data: and bands: sections for FILE (default: params.yaml) that fit the catalog",
-        ),  # fmt: skip
-        s.add_argument("--write", action="store_true", help="merge those sections into the params file"),
-    ),
-    "deploy": lambda s: (
-        s.add_argument(
-            "--pool", default="tilepipe", help="process work pool, created if missing (default: tilepipe)"
-        ),
-        s.add_argument(
-            "--workdir",
-            type=Path,
-            default=None,
-            help="the project folder the flow runs work in on the workers' machines (default: this one)",
-        ),  # fmt: skip
-    ),
-    "services": lambda s: (
-        s.add_argument("action", choices=["up", "down", "status"], help="start, stop or show the stack"),
-        s.add_argument("--dir", type=Path, default=Path(".services"), help="its folder (default: .services)"),
-    ),
-    "flow": lambda s: s.add_argument(
-        "flow", nargs="?", choices=["pipeline", "study"], default="pipeline", help="(default: pipeline)"
-    ),
-}
 
 
 NO_PARAMS = {"services"}  # commands that run without a params file
