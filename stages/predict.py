@@ -6,13 +6,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tilepipe.fsutil import atomic_dir, write_json
+from tilepipe.fsutil import atomic_dir, file_sha256, write_json
 from tilepipe.mapping.predict import predict_scene
 from tilepipe.mapping.scoring import held_out_scenes
 from tilepipe.mapping.stac_item import build_item, item_path, write_catalog, write_item
 from tilepipe.params import Params
 from tilepipe.tracking.fetch import Prefetch
 from tilepipe.tracking.models import describe_model, resolve_model
+
+
+def reproducible(described: dict[str, Any], model_spec: str | Path) -> dict[str, Any]:
+    """The model as the held-out items name it.
+
+    A ``model.pt`` of this pipeline is named by its SHA-256, not by the MLflow run that trained it:
+    a run id differs from run to run, and these items are a DVC output that the same model must
+    reproduce byte for byte.
+    """
+    if described.get("name") is not None:  # a registered model: its name, version and run
+        return described
+    path = Path(model_spec)
+    model_file = path / "model.pt" if path.is_dir() else path
+    return {**described, "run_id": None, "sha256": file_sha256(model_file)}
 
 
 def predict_held_out(
@@ -28,7 +42,7 @@ def predict_held_out(
     Beside each map its STAC item ``<scene_id>.json``, all linked by ``out_dir/catalog.json``.
     """
     model, meta = resolve_model(model_spec, prefetch)
-    described = describe_model(model_spec, prefetch)
+    described = reproducible(describe_model(model_spec, prefetch), model_spec)
     records = held_out_scenes(scenes_json, split_json)
     summaries, items = [], []
     created = datetime.now(UTC)  # the items' datetime only where a scene's own time is unknown
