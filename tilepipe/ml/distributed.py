@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tilepipe.errors import TilepipeError
 from tilepipe.ml.dataset import EpochBatchSampler
-from tilepipe.ml.loops import Precision, _inputs, autocast
+from tilepipe.ml.loops import Precision, _inputs, autocast, epoch_stats, optimizer_step
 from tilepipe.processes import cores, die_with_parent
 
 HOLD_AFTER_EPOCH = "TILEPIPE_TEST_HOLD_AFTER_EPOCH"  # test seam: every rank stops after that epoch
@@ -163,13 +163,7 @@ def ddp_train_epoch(
         optimizer.zero_grad(set_to_none=True)
         sums, loss, waited = share_loss(ddp, x, y, loss_sum, device, precision)
         reduce_seconds += waited
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         batch = int(sums[2])
         total_loss += float(sums[0] / sums[1].clamp_min(1e-12)) * batch
         seen, mine = seen + batch, mine + len(x)
@@ -177,11 +171,8 @@ def ddp_train_epoch(
     bar.close()
     seconds = time.perf_counter() - started
     return {
-        "train_loss": total_loss / max(seen, 1),
-        "tiles_seen": seen,
+        **epoch_stats(total_loss, seen, seconds),
         "rank_tiles_seen": mine,
-        "train_seconds": seconds,
-        "tiles_per_second": seen / max(seconds, 1e-9),
         "loss_reduce_seconds": reduce_seconds,
     }
 

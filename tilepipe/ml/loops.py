@@ -82,6 +82,29 @@ def _inputs(x: torch.Tensor, device: torch.device, precision: Precision) -> torc
     return x
 
 
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward and one optimiser step, through the gradient scaler when there is one (amp)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def epoch_stats(total_loss: float, seen: int, seconds: float) -> dict[str, float]:
+    """An epoch's mean training loss, tiles seen, seconds and tiles/s."""
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "tiles_seen": seen,
+        "train_seconds": seconds,
+        "tiles_per_second": seen / max(seconds, 1e-9),
+    }
+
+
 def train_epoch(
     model: nn.Module,
     loader,
@@ -102,13 +125,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
             loss = loss_fn(model(x), y)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         total_loss += float(loss.detach()) * len(x)
         seen += len(x)
         elapsed = time.perf_counter() - started
@@ -116,12 +133,7 @@ def train_epoch(
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", tiles_s=f"{seen / max(elapsed, 1e-9):.0f}")
     bar.close()
     seconds = time.perf_counter() - started
-    return {
-        "train_loss": total_loss / max(seen, 1),
-        "tiles_seen": seen,
-        "train_seconds": seconds,
-        "tiles_per_second": seen / max(seconds, 1e-9),
-    }
+    return epoch_stats(total_loss, seen, seconds)
 
 
 @torch.no_grad()
