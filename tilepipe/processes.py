@@ -6,6 +6,8 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent ends
 
@@ -33,3 +35,20 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
     gone = os.getppid() != parent if parent is not None else os.getppid() == 1
     if gone:
         os._exit(1)
+
+
+@contextmanager
+def environment(values: dict[str, str], keep_set: bool = False) -> Iterator[None]:
+    """Set environment variables for the block, then restore them (``keep_set``: leave set ones alone)."""
+    saved = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if not (keep_set and name in os.environ):
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

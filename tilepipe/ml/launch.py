@@ -10,30 +10,21 @@ starts ``train.nproc_per_node`` processes of ``python -m tilepipe train`` with t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 from tilepipe.errors import TilepipeError
 from tilepipe.params import Params
+from tilepipe.processes import environment
 
 
-@contextmanager
 def _loopback_env():
     """Gloo's sockets on the loopback interface (unless the environment chose one) while ranks start."""
-    names = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}
-    saved = {name: os.environ.get(name) for name in names}
-    for name, value in names.items():
-        os.environ.setdefault(name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
+    return environment(
+        {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}, keep_set=True
+    )
 
 
 def launch_training(params: Params, tiles_dir: Path, split_json: Path, out_dir: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tilepipe.errors import TilepipeError
+from tilepipe.processes import environment
 
 SQLITE_BUSY_S = 3.0  # how long the probe waits for another process's lock on the SQLite store
 HTTP_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -96,19 +97,9 @@ def lost(uri: str, exc: BaseException, model_dir: Path | None) -> TilepipeError:
     )
 
 
-@contextmanager
-def quick_http() -> Iterator[None]:
+def quick_http():
     """HTTP calls to the store without retries and with a short timeout (for a server already gone)."""
-    saved = {name: os.environ.get(name) for name in HTTP_PROBE_ENV}
-    os.environ.update(HTTP_PROBE_ENV)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment(HTTP_PROBE_ENV)
 
 
 @contextmanager
