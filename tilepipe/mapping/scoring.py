@@ -26,6 +26,7 @@ from tilepipe.mapping.blend import NODATA, cell_grid_shape
 from tilepipe.mapping.scene import class_colours, open_scene, output_grid
 from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.ml.metrics import confusion, summarize
+from tilepipe.ml.uncertainty import scene_intervals, with_intervals
 from tilepipe.params import Params
 
 PREVIEW_PX = 1024  # previews are decimated to at most this many px a side
@@ -131,14 +132,16 @@ def evaluate_scenes(
     out_dir.mkdir(parents=True, exist_ok=True)
     total = np.zeros((len(classes), len(classes)), dtype=np.int64)
     scenes: dict[str, Any] = {}
+    per_scene = []
     for record in records:
         map_path = Path(maps_dir) / f"{record.scene_id}.tif"
         if not map_path.is_file():
             raise bad_file(map_path, "no predicted map for this test scene (run `tilepipe predict` first)")
         cm, predicted, actual = score_map(params, meta, record, map_path)
         total += cm
+        per_scene.append(cm)
         scores = summarize(cm, classes)
-        scenes[record.scene_id] = _rounded(scores, cm)
+        scenes[record.scene_id] = {**_rounded(scores, cm), "confusion": cm.tolist()}
         title = (
             f"{record.scene_id}: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}, "
             f"mIoU {scores['miou']:.3f}"
@@ -149,6 +152,7 @@ def evaluate_scenes(
         "task": meta.task,
         "unit": "pixel" if meta.segmentation else "cell",
         "overall": _rounded(summarize(total, classes), total),
+        "intervals": scene_intervals(np.stack(per_scene), classes),
         "scenes": scenes,
         "confusion": total.tolist(),
     }
@@ -178,14 +182,18 @@ def score_maps(
         return {"map_scenes": 0}
     result = evaluate_scenes(params, meta, records, maps_dir, out_dir)
     overall = result["overall"]
-    print(
-        f"evaluate: full-scene maps of {len(records)} held-out scene(s), per {result['unit']}: "
-        f"accuracy {overall['accuracy']:.3f}, macro-F1 {overall['macro_f1']:.3f}, mIoU {overall['miou']:.3f}"
-    )
-    return {
+    metrics = {
         "map_accuracy": overall["accuracy"],
         "map_macro_f1": overall["macro_f1"],
         "map_miou": overall["miou"],
         "map_scenes": len(records),
+        "map_scored": overall["scored"],
         "map_unit": result["unit"],
     }
+    with_intervals(metrics, result["intervals"], prefix="map_")
+    low_high = {k: metrics[f"map_{k}_ci"] for k in ("accuracy", "macro_f1", "miou")}
+    print(
+        f"evaluate: full-scene maps of {len(records)} held-out scene(s), per {result['unit']}: "
+        + ", ".join(f"{k} {overall[k]:.3f}" + (f" {v}" if v else "") for k, v in low_high.items())
+    )
+    return metrics

@@ -19,6 +19,7 @@ from tilepipe.ml.dataset import TileBatches, TileRef, make_loader, open_stores, 
 from tilepipe.ml.loops import pick_device, predict_batches, prepare
 from tilepipe.ml.metrics import confusion, majority_baseline, summarize
 from tilepipe.ml.plots import plot_confusion
+from tilepipe.ml.uncertainty import scene_intervals, with_intervals
 from tilepipe.params import Params
 
 PIXEL_SAMPLE_STEP = 8  # segmentation plot data keeps every 8th pixel per axis of each tile
@@ -37,14 +38,19 @@ class TileScores:
 def score_test_tiles(
     params: Params, model: nn.Module, meta: ModelMeta, tiles_dir: Path, split_json: Path
 ) -> TileScores:
-    """Run the model over every usable tile of the test split, scene by scene."""
+    """Run the model over every labelled tile of the test split, scene by scene.
+
+    Every tile with a labelled pixel is scored (a classification tile against its majority class),
+    not only the tiles pure enough for training (``train.min_purity``): the headline figure covers
+    the whole of the test scenes' labelled tiles.
+    """
     classes, task = meta.classes, meta.task
     n_classes = len(classes)
     members = split_members(split_json, "test")
     if not members:
         raise TilepipeError(f"{split_json}: the test split is empty")
     stores = open_stores(tiles_dir, sorted(members))
-    ref = select_tiles(stores, members, task, params.train.min_purity)
+    ref = select_tiles(stores, members, task, 0.0)
     if len(ref.tile) == 0:
         raise TilepipeError(f"{split_json}: the test split has no usable tile")
     device = pick_device(params.train.precision)
@@ -85,7 +91,8 @@ def tile_metrics(scores: TileScores, classes: list[str], train_counts: np.ndarra
     cm = scores.per_scene.sum(axis=0)
     summary = summarize(cm, classes)
     baseline = majority_baseline(train_counts, cm, classes)
-    return {
+    intervals = scene_intervals(scores.per_scene, classes)
+    metrics = {
         "accuracy": round(summary["accuracy"], 4),
         "macro_f1": round(summary["macro_f1"], 4),
         "miou": round(summary["miou"], 4),
@@ -104,6 +111,7 @@ def tile_metrics(scores: TileScores, classes: list[str], train_counts: np.ndarra
             for i, (name, scores) in enumerate(summary["per_class"].items())
         },
     }
+    return with_intervals(metrics, intervals)
 
 
 def write_evaluation(
@@ -114,8 +122,18 @@ def write_evaluation(
     write_json(out_dir / "metrics.json", metrics)
     write_text(out_dir / "test_predictions.csv", "\n".join(scores.rows) + "\n")
     write_json(out_dir / "test_confusion.json", {"classes": classes, "matrix": cm.tolist()})
+    write_json(out_dir / "scene_confusion.json", scene_confusion(scores, classes))
     plot_confusion(cm, classes, out_dir / "test_confusion.png", f"Test scenes ({task})")
     write_text(out_dir / "report.txt", class_report(metrics, classes))
+
+
+def scene_confusion(scores: TileScores, classes: list[str]) -> dict[str, Any]:
+    """Each test scene's tile confusion matrix: what a later comparison resamples (the champion rule)."""
+    return {
+        "classes": classes,
+        "unit": "tile",
+        "scenes": {scene_id: scores.per_scene[i].tolist() for i, scene_id in enumerate(scores.ref.scene_ids)},
+    }
 
 
 def evaluate(
@@ -143,11 +161,18 @@ def evaluate(
         print(f"warning: {warning}", file=sys.stderr)
     print(
         f"evaluate: {metrics['test_scenes']} test scene(s), {metrics['test_tiles']} tiles: "
-        f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']:.3f}), "
-        f"macro-F1 {metrics['macro_f1']:.3f} (baseline {metrics['baseline_macro_f1']:.3f}), "
-        f"mIoU {metrics['miou']:.3f} (baseline {metrics['baseline_miou']:.3f})"
+        f"accuracy {shown(metrics, 'accuracy')} (baseline {metrics['baseline_accuracy']:.3f}), "
+        f"macro-F1 {shown(metrics, 'macro_f1')} (baseline {metrics['baseline_macro_f1']:.3f}), "
+        f"mIoU {shown(metrics, 'miou')} (baseline {metrics['baseline_miou']:.3f})"
     )
     return metrics
+
+
+def shown(metrics: dict[str, Any], key: str) -> str:
+    """``0.862 [0.781, 0.921]``, or the figure alone when it has no interval."""
+    interval = metrics.get(f"{key}_ci")
+    figure = f"{metrics[key]:.3f}"
+    return figure if not interval else f"{figure} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def small_test_warnings(metrics: dict[str, Any], params: Params) -> list[str]:
@@ -164,19 +189,30 @@ def small_test_warnings(metrics: dict[str, Any], params: Params) -> list[str]:
 
 
 def class_report(metrics: dict[str, Any], classes: list[str]) -> str:
-    """A plain-text per-class report."""
+    """A plain-text per-class report, each figure with its scene-bootstrap interval where there is one."""
     width = max(12, *(len(name) for name in classes))
-    columns = f"{'precision':>9} {'recall':>9} {'f1':>9} {'iou':>9} {'support':>9} {'trained on':>10}"
-    lines = [f"{'class':<{width}} {columns}"]
+    columns = f"{'precision':>9} {'recall':>9} {'f1':>9} {'f1 95% interval':>16} {'iou':>9} {'support':>9}"
+    lines = [
+        f"{metrics['test_tiles']} labelled test tiles in {metrics['test_scenes']} scene(s); {metrics['ci']}",
+        f"{'class':<{width}} {columns} {'trained on':>10}",
+    ]
     for name in classes:
         c = metrics["per_class"][name]
+        band = f"[{c['f1_ci'][0]:.3f}, {c['f1_ci'][1]:.3f}]" if c.get("f1_ci") else "-"
         lines.append(
-            f"{name:<{width}} {c['precision']:>9.3f} {c['recall']:>9.3f} {c['f1']:>9.3f} {c['iou']:>9.3f} "
-            f"{c['support']:>9} {c.get('train_examples', ''):>10}"
+            f"{name:<{width}} {c['precision']:>9.3f} {c['recall']:>9.3f} {c['f1']:>9.3f} {band:>16} "
+            f"{c['iou']:>9.3f} {c['support']:>9} {c.get('train_examples', ''):>10}"
         )
     lines.append(
-        f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  mIoU {metrics['miou']:.4f}"
+        f"accuracy {shown(metrics, 'accuracy')}  macro-F1 {shown(metrics, 'macro_f1')}  "
+        f"mIoU {shown(metrics, 'miou')}"
     )
+    if "map_accuracy" in metrics:
+        lines.append(
+            f"full-scene maps of {metrics['map_scenes']} scene(s), per {metrics.get('map_unit', 'cell')}: "
+            f"accuracy {shown(metrics, 'map_accuracy')}  macro-F1 {shown(metrics, 'map_macro_f1')}  "
+            f"mIoU {shown(metrics, 'map_miou')}"
+        )
     lines.append(
         f"majority baseline: accuracy {metrics['baseline_accuracy']:.4f}  "
         f"macro-F1 {metrics['baseline_macro_f1']:.4f}"

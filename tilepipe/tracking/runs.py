@@ -186,21 +186,33 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
     """Log test metrics and evaluation artifacts to the training's run."""
     mlflow = connected_mlflow()
     flat = {f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    flat.update(_interval_metrics(metrics, "test_"))
     for scene, acc in metrics.get("per_scene_accuracy", {}).items():
         flat[f"test_scene_accuracy_{scene}"] = float(acc)
     for name, scores in metrics.get("per_class", {}).items():
         flat[f"test_f1_{name}"] = float(scores["f1"])
+        if scores.get("f1_ci"):
+            flat[f"test_f1_{name}_ci_low"], flat[f"test_f1_{name}_ci_high"] = map(float, scores["f1_ci"])
     # the run's own experiment: one this process set earlier (another store, another params file)
     # would make MLflow refuse to reopen the run
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(flat)
-        for name in ("metrics.json", "test_confusion.png", "report.txt"):
+        for name in ("metrics.json", "test_confusion.png", "report.txt", "scene_confusion.json"):
             if (out_dir / name).is_file():
                 mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
         scenes = out_dir / "scenes"  # full-scene map scores and prediction-vs-label previews
         for path in sorted(scenes.glob("*.png")) + sorted(scenes.glob("*.json")) if scenes.is_dir() else []:
             mlflow.log_artifact(str(path), artifact_path="evaluation/scenes")
+
+
+def _interval_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """``<key>_ci: [lo, hi]`` as the MLflow metrics ``<prefix><key>_ci_low`` and ``..._ci_high``."""
+    flat = {}
+    for key, value in metrics.items():
+        if key.endswith("_ci") and isinstance(value, list) and len(value) == 2:
+            flat[f"{prefix}{key}_low"], flat[f"{prefix}{key}_high"] = float(value[0]), float(value[1])
+    return flat
 
 
 def log_study(run_id: str, summary: dict[str, Any], out: Path) -> None:
