@@ -207,10 +207,9 @@ def _report(params: Params, args: argparse.Namespace) -> None:
         raise TilepipeError(f"{args.split}: not found; run `dvc repro` first")
     print_summary(json.loads(args.split.read_text()), params.data.class_names)
     if args.metrics.is_file():
-        metrics = json.loads(args.metrics.read_text())
-        print(
-            "test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        )
+        from tilepipe.results import read_json, results_markdown
+
+        print(results_markdown(read_json(args.metrics)), end="")
 
 
 def _results_table(args: argparse.Namespace) -> None:
@@ -219,7 +218,8 @@ def _results_table(args: argparse.Namespace) -> None:
     from tilepipe.results import read_json, results_markdown, with_results
 
     seeds = read_json(args.seeds) if args.seeds.is_file() else None
-    table = results_markdown(read_json(args.metrics), seeds)
+    cv = read_json(args.cv) if args.cv.is_file() else None
+    table = results_markdown(read_json(args.metrics), seeds, cv)
     if args.readme is None:
         print(table, end="")
         return

@@ -80,7 +80,8 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         ),
     ),
     "report": lambda s: (
-        _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json"),
+        _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json",
+                   cv=w.METRICS / "cv.json"),
         s.add_argument("--markdown", action="store_true", help="print the headline results table (Markdown)"),
         s.add_argument("--readme", type=Path, default=None, help="write that table into this README's block"),
     ),

@@ -19,7 +19,7 @@ from tilepipe.ml.dataset import TileBatches, TileRef, make_loader, open_stores, 
 from tilepipe.ml.loops import pick_device, predict_batches, prepare
 from tilepipe.ml.metrics import confusion, majority_baseline, summarize
 from tilepipe.ml.plots import plot_confusion
-from tilepipe.ml.uncertainty import scene_intervals, with_intervals
+from tilepipe.ml.uncertainty import scene_intervals, shown, with_intervals
 from tilepipe.params import Params
 
 PIXEL_SAMPLE_STEP = 8  # segmentation plot data keeps every 8th pixel per axis of each tile
@@ -166,13 +166,6 @@ def evaluate(
         f"mIoU {shown(metrics, 'miou')} (baseline {metrics['baseline_miou']:.3f})"
     )
     return metrics
-
-
-def shown(metrics: dict[str, Any], key: str) -> str:
-    """``0.862 [0.781, 0.921]``, or the figure alone when it has no interval."""
-    interval = metrics.get(f"{key}_ci")
-    figure = f"{metrics[key]:.3f}"
-    return figure if not interval else f"{figure} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def small_test_warnings(metrics: dict[str, Any], params: Params) -> list[str]:
