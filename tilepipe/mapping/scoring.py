@@ -189,6 +189,10 @@ def score_maps(
         "map_scenes": len(records),
         "map_scored": overall["scored"],
         "map_unit": result["unit"],
+        "map_per_class": {  # per class over the scored cells (pixels) of every held-out map
+            name: {k: c[k] for k in ("precision", "recall", "f1", "iou", "support")}
+            for name, c in summarize(np.asarray(result["confusion"]), list(meta.classes))["per_class"].items()
+        },
     }
     with_intervals(metrics, result["intervals"], prefix="map_")
     low_high = {k: metrics[f"map_{k}_ci"] for k in ("accuracy", "macro_f1", "miou")}

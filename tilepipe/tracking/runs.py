@@ -189,10 +189,12 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
     flat.update(_interval_metrics(metrics, "test_"))
     for scene, acc in metrics.get("per_scene_accuracy", {}).items():
         flat[f"test_scene_accuracy_{scene}"] = float(acc)
-    for name, scores in metrics.get("per_class", {}).items():
-        flat[f"test_f1_{name}"] = float(scores["f1"])
-        if scores.get("f1_ci"):
-            flat[f"test_f1_{name}_ci_low"], flat[f"test_f1_{name}_ci_high"] = map(float, scores["f1_ci"])
+    for prefix in ("", "map_"):
+        for name, scores in metrics.get(f"{prefix}per_class", {}).items():
+            key = f"test_{prefix}f1_{name}"
+            flat[key] = float(scores["f1"])
+            if scores.get("f1_ci"):
+                flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = map(float, scores["f1_ci"])
     # the run's own experiment: one this process set earlier (another store, another params file)
     # would make MLflow refuse to reopen the run
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
