@@ -33,6 +33,7 @@ class StacParams(Section):
 
     image_asset: str | None = None
     labels_asset: str | None = None
+    use_geometry: bool = False  # the item's geometry is the scene's area of interest
 
 
 class DataParams(Section):
