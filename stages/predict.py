@@ -52,7 +52,8 @@ def predict_held_out(
             output = tmp / f"{record.scene_id}.tif"
             item_path(output)  # a scene id that would overwrite catalog.json fails before any work
             aoi = None if record.aoi_geometry is None else (record.aoi_geometry, record.crs)
-            summary = predict_scene(params, model, meta, record.image, output, False, record.band_mapping, aoi)
+            chosen = (False, record.band_mapping, aoi)  # no probability bands, the scene's bands and AOI
+            summary = predict_scene(params, model, meta, record.image, output, *chosen)
             summaries.append({"scene_id": record.scene_id, **summary, "output": output.name})
             when = getattr(record, "datetime", None)  # scenes ingested from a STAC item know it
             item = build_item(output, record.image, meta, described, record.scene_id, when, created, out_dir)
