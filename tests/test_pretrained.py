@@ -3,6 +3,10 @@
 import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT, TRAIN, tiny_overrides, tiny_params
 from tilepipe import cli
 from tilepipe.errors import TilepipeError
-from tilepipe.ml.checkpoint import load_model
+from tilepipe.ml.checkpoint import ModelMeta, load_model, model_from_meta, save_model
 from tilepipe.ml.finetune import SENTINEL2_ALL
 from tilepipe.ml.models import build_model
 from tilepipe.ml.pretrained import _resnet_names, load_init
@@ -225,3 +229,35 @@ def test_fine_tune_freezes_the_body_then_trains_it_and_records_lineage(prepared,
     assert (tags["init_file"], tags["init_sha256"]) == ("model.pt", digest)
     logged = MlflowClient().download_artifacts(result["run_id"], "model_meta.json", str(tmp_path))
     assert json.loads(open(logged).read())["init_sha256"] == digest
+
+
+@pytest.mark.ddp
+@pytest.mark.xdist_group("ddp")
+def test_freezing_on_two_ranks_holds_the_body_and_trains_the_head(prepared):
+    """DDP with a frozen body: every parameter still gets a gradient, so no rank waits on another."""
+    tmp_path, params = prepared
+    meta = ModelMeta("classification", "small_cnn", 8, RGB, {"uint8": [0, 255]}, CLASSES, 16,
+                     mean=[0.5] * 3, std=[0.2] * 3)  # fmt: skip
+    torch.manual_seed(5)
+    save_model(tmp_path / "init.pt", model_from_meta(meta), meta)
+    sets = [*tiny_overrides(tmp_path), *TRAIN, "train.epochs=1", "train.threads=1"]
+    sets += [f"train.init={tmp_path / 'init.pt'}", "train.freeze_epochs=1"]
+    paths = [
+        "--tiles",
+        str(tmp_path / "tiles"),
+        "--split",
+        str(tmp_path / "split.json"),
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    cmd = [str(Path(sys.executable).parent / "tilepipe"), "train", "--params", str(ROOT / "params.yaml")]
+    cmd += [*(x for s in sets for x in ("--set", s)), *paths, "--nproc-per-node", "2"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("train.init init.pt") == 1, "rank 0 alone reports the init"
+    source = torch.load(tmp_path / "init.pt", weights_only=True)["state_dict"]
+    tuned = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    body = [k for k in source if k.startswith("net.features.") and "num_batches" not in k]
+    assert all(torch.equal(tuned[k], source[k]) for k in body)
+    assert not torch.equal(tuned["net.head.weight"], source["net.head.weight"])
