@@ -182,6 +182,12 @@ def test_missing_file_bad_hash_and_wrong_width_are_one_line(tmp_path):
         load_init(_fresh(width=24), "resnet18", RGB, CLASSES, str(path))
     with pytest.raises(TilepipeError, match="onto train.model resnet18 or unet, not small_cnn"):
         load_init(_fresh("small_cnn"), "small_cnn", RGB, CLASSES, str(path))
+    meta = ModelMeta("classification", "small_cnn", 8, RGB, {"uint8": [0, 255]}, CLASSES, 16)
+    save_model(tmp_path / "cnn.pt", model_from_meta(meta), meta)
+    with pytest.raises(TilepipeError, match="cnn.pt: a tilepipe small_cnn model, not resnet18"):
+        load_init(_fresh(), "resnet18", RGB, CLASSES, str(tmp_path / "cnn.pt"))
+    with pytest.raises(TilepipeError, match=r"train.width must be the pretrained network's: 8, the file's"):
+        load_init(_fresh("small_cnn", width=16), "small_cnn", RGB, CLASSES, str(tmp_path / "cnn.pt"))
 
 
 def test_params_check_the_spec_and_that_freezing_needs_weights(tmp_path):

@@ -144,12 +144,12 @@ def load_init(net: nn.Module, model: str, bands: list[str], classes: list[str], 
     state, meta = read_state(spec.path)
     target = net.state_dict()
     report = InitReport(spec.path.name, digest, "")
+    if meta and meta.get("model", model) != model:
+        raise TilepipeError(f"train.init {spec.path}: a tilepipe {meta['model']} model, not {model}")
     own = _tilepipe_state(state, target, model)
     if own is not None:
         mapped, unexpected = own
-        report.layout = f"tilepipe {meta.get('model', model) if meta else model}"
-        if meta and meta.get("model", model) != model:
-            raise TilepipeError(f"train.init {spec.path}: a tilepipe {meta['model']} model, not {model}")
+        report.layout = f"tilepipe {model}"
         source_bands = list(meta["bands"]) if meta and meta.get("bands") else None
         if not (meta and list(meta.get("classes", [])) == list(classes)):
             unexpected += [k for k in mapped if k.startswith("head.")]
@@ -164,7 +164,8 @@ def load_init(net: nn.Module, model: str, bands: list[str], classes: list[str], 
         mapped[first], report.first_conv = adapt_first_conv(
             mapped[first], source_bands, bands, tuple(target[first].shape)
         )
-    _check_shapes(mapped, target, spec.path, model)
+    width = f"{meta['width']}, the file's" if meta and "width" in meta else "64 for a ResNet-18"
+    _check_shapes(mapped, target, spec.path, model, width)
     net.load_state_dict(mapped, strict=False)
     report.loaded = sorted(mapped)
     report.missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
@@ -252,12 +253,12 @@ def _unet_names() -> dict[str, str]:
     return names
 
 
-def _check_shapes(mapped: dict, target: dict, path: Path, model: str) -> None:
+def _check_shapes(mapped: dict, target: dict, path: Path, model: str, width: str) -> None:
     """Every mapped tensor has the shape the model's parameter has; else one line saying which."""
     for key, tensor in mapped.items():
         want = tuple(target[key].shape)
         if tuple(tensor.shape) != want:
             raise TilepipeError(
                 f"train.init {path}: {key} is {list(tensor.shape)} in the file but {list(want)} in {model} "
-                "(train.width must be the pretrained network's: 64 for a ResNet-18)"
+                f"(train.width must be the pretrained network's: {width})"
             )
