@@ -21,6 +21,7 @@ from benchmarks import (
     ddp,
     memory,
     orchestration,
+    pretrain,
     remote,
     seeds,
     startup,
@@ -42,8 +43,9 @@ BENCHMARKS = {
     "remote": remote.run,
     "dask": dask_tiling.run,
 }
-# run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
-ON_REQUEST = {"seeds": seeds.run}
+# run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here;
+# `pretrain`: a pretraining and two small studies (docs/pretrained.md)
+ON_REQUEST = {"seeds": seeds.run, "pretrain": pretrain.run}
 RESULTS = Path(__file__).resolve().parent / "results.json"
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 

@@ -74,6 +74,9 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         ),
         s.add_argument("--probabilities", action="store_true", help="add per-class probability bands"),
         s.add_argument(
+            "--aoi", type=Path, default=None, help="area of interest (GeoJSON or vector file): nodata outside"
+        ),
+        s.add_argument(
             "--bands",
             default=None,
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",

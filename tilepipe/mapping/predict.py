@@ -16,13 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from rasterio.errors import RasterioError
+from rasterio.windows import Window
 from torch import nn
 from tqdm import tqdm
 
 from tilepipe.errors import TilepipeError, bad_file
+from tilepipe.geo.aoi import AoiMask
 from tilepipe.geo.raster_io import Grid, gdal_env
 from tilepipe.geo.remote import as_location
-from tilepipe.mapping.blend import Strip, cell_grid_shape, classify_strips, segment_plan, segment_strips
+from tilepipe.mapping.blend import (
+    NODATA,
+    Strip,
+    cell_grid_shape,
+    classify_strips,
+    segment_plan,
+    segment_strips,
+)
 from tilepipe.mapping.scene import SceneView, open_scene, output_grid
 from tilepipe.mapping.writer import MapWriter, write_cog
 from tilepipe.ml.checkpoint import ModelMeta
@@ -72,8 +81,12 @@ def predict_scene(
     output: Path | str,
     probabilities: bool = False,
     bands: str | dict[str, int] | None = None,
+    aoi: tuple[dict[str, Any], str] | None = None,
 ) -> dict[str, Any]:
-    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each."""
+    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each.
+
+    ``aoi``: (GeoJSON geometry, its CRS); the map is nodata outside it.
+    """
     scene, output = as_location(scene), Path(output)
     if isinstance(scene, Path) and output.resolve() == scene.resolve():
         raise bad_file(output, "output would overwrite the input scene")
@@ -86,6 +99,9 @@ def predict_scene(
         with gdal_env(params.tile.gdal_cache_mb), open_scene(scene, meta, bands) as opened:
             out_grid = output_grid(meta, opened.grid)
             total = window_total(params, meta, opened.grid)
+            mask = None if aoi is None else AoiMask(*aoi, out_grid)
+            if mask is not None and mask.empty:
+                raise bad_file(scene, "the area of interest does not overlap the scene")
             bar = tqdm(
                 total=total,
                 desc=f"predict {Path(str(scene)).name}",
@@ -95,6 +111,8 @@ def predict_scene(
             writer = MapWriter(strips_file, out_grid, meta, probabilities)
             try:
                 for strip in predict_strips(params, model, meta, opened, bar.update, probabilities):
+                    if mask is not None:
+                        _blank_outside(strip, mask)
                     writer.add(strip)
             finally:
                 writer.close()
@@ -108,6 +126,15 @@ def predict_scene(
     summary = _summary(meta, scene, output, opened.grid, out_grid, total, seconds, writer.counts)
     print(summary["line"], flush=True)
     return summary
+
+
+def _blank_outside(strip: Strip, mask: AoiMask) -> None:
+    """Nodata (probabilities 0) in a strip's pixels or cells whose centre lies outside the AOI."""
+    rows, width = strip.classes.shape
+    outside = ~mask.inside(Window(0, strip.row, width, rows))
+    strip.classes[outside] = NODATA
+    if strip.probs is not None:
+        strip.probs[:, outside] = 0
 
 
 def _summary(

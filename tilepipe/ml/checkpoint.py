@@ -37,6 +37,9 @@ class ModelMeta:
     std: list[float] = field(default_factory=list)
     epoch: int = 0  # the best epoch, whose weights these are
     val: dict[str, float] = field(default_factory=dict)  # its validation metrics
+    # lineage of pretrained weights (train.init): the file's name and SHA-256, None from random weights
+    init: str | None = None
+    init_sha256: str | None = None
 
     @property
     def segmentation(self) -> bool:
@@ -54,8 +57,10 @@ class ModelMeta:
         return cls(**{"task": "classification", **{k: v for k, v in raw.items() if k in known}})
 
 
-def model_meta(params: Params, stats: dict, tile_size: int, epoch: int, metrics: dict) -> ModelMeta:
-    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px."""
+def model_meta(
+    params: Params, stats: dict, tile_size: int, epoch: int, metrics: dict, init: dict | None = None
+) -> ModelMeta:
+    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px (``init``: its lineage)."""
     return ModelMeta(
         task=params.train.task,
         model=params.train.model,
@@ -69,6 +74,7 @@ def model_meta(params: Params, stats: dict, tile_size: int, epoch: int, metrics:
         std=stats["std"],
         epoch=epoch,
         val={k: v for k, v in metrics.items() if k.startswith("val_")},
+        **(init or {}),
     )
 
 
