@@ -11,9 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.settings import PREFECT_API_URL
 from prefect.tasks import exponential_backoff
-from rasterio.errors import RasterioError
 
-from tilepipe.errors import TilepipeError
 from tilepipe.flows import dvc_cli
 from tilepipe.flows.dask_runner import api_for_workers, check_scheduler, for_workers, task_runner
 from tilepipe.flows.fanout import run_each
@@ -21,7 +19,7 @@ from tilepipe.flows.repo_lock import pipeline_lock
 from tilepipe.flows.report import publish_metrics
 from tilepipe.flows.settings import check_api, prefect_settings
 from tilepipe.fsutil import remove_leftovers
-from tilepipe.geo.read_errors import is_transient_read_error
+from tilepipe.geo.read_errors import RETRIED, failure_kind
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
 from tilepipe.stages.evaluate import evaluate, register
@@ -38,21 +36,20 @@ step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incr
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry condition: faults on the way (OSError, a remote read GDAL could not finish), never bad data.
+    """Retry condition: only what a retry can fix (``tilepipe.geo.read_errors.failure_kind``).
 
-    A file whose pixels do not decode fails the same way every time: tiling reports it as a
-    TilepipeError naming the file and the pixels, and so does any other bad input.
+    Retried: a store that does not answer, a connection refused or reset, a timeout, HTTP 429 or
+    5xx, an I/O error. Not retried: bad input (params, catalog, damaged pixels), permission
+    denied, a read-only folder, a missing file, a full disk, and bugs: they fail the same way again.
     """
     try:
         state.result()
-    except TilepipeError:
-        return False
-    except OSError:
-        return True
-    except RasterioError as exc:
-        return is_transient_read_error(exc)
-    except Exception:  # noqa: BLE001 - anything else is a bug, and a retry would only repeat it
-        return False
+    except Exception as exc:  # noqa: BLE001 - classified, not handled
+        kind = failure_kind(exc)
+        retry = kind in RETRIED
+        get_run_logger().info("%s: %s (%s), %s", task_run.name, kind, type(exc).__name__,
+                              "retried" if retry else "not retried: a retry cannot help")  # fmt: skip
+        return retry
     return False
 
 
