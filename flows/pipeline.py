@@ -18,6 +18,7 @@ from tilepipe.flows.fanout import run_each
 from tilepipe.flows.repo_lock import pipeline_lock
 from tilepipe.flows.report import publish_metrics
 from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.flows.stage_gate import StageGate
 from tilepipe.fsutil import remove_leftovers
 from tilepipe.geo.read_errors import RETRIED, failure_kind
 from tilepipe.geo.scenes import SceneRecord
@@ -137,10 +138,11 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     )  # fmt: skip
 
 
-def needs_synthesis(params: Params) -> bool:
+def needs_synthesis(params: Params, gate: StageGate) -> bool:
     """True for the built-in catalog (data/synthetic, as in dvc.yaml) unless DVC says it is current."""
-    builtin = params.data.catalog.resolve().parent == SYNTHETIC.resolve()
-    return builtin and not dvc_cli.synthesis_is_current(params)
+    if params.data.catalog.resolve().parent != SYNTHETIC.resolve():
+        return False
+    return gate.must_run("synthesize") if gate.on else not dvc_cli.synthesis_is_current(params)
 
 
 def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
@@ -162,33 +164,73 @@ def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
 
 @flow(name="tilepipe", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run synthesize (built-in data), ingest, tile, split, train, predict, evaluate, register."""
+    """Run synthesize (built-in data), ingest, tile, split, train, predict, evaluate, register.
+
+    In a DVC project with params.yaml's params, a stage whose deps, params and outs DVC reports
+    unchanged is skipped (``flows/stage_gate.py``); a model is registered only when evaluated anew.
+    """
     with pipeline_lock():  # one run per repository: DVC's repo lock, which `dvc repro` takes too
         return _pipeline(params_path, overrides)
 
 
 def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
-    """The flow's body, run while the repository's lock is held."""
+    """The flow's body, run while the repository's lock is held: each stage DVC says changed."""
     params = load_params(params_path, overrides)  # bad values fail the run at once, naming the key
-    log, ran = get_run_logger(), ["ingest", "tile", "split", "train", "predict", "evaluate"]
-    if needs_synthesis(params):
+    gate = StageGate.start(params)
+    tiled = _prepare(params, gate)
+    summary = _model(params, gate)
+    if not gate.on:
+        (get_run_logger().warning if dvc_cli.is_repo() else get_run_logger().info)(
+            "dvc.lock not updated: %s", gate.off
+        )
+    return {**summary, "tiled": tiled, "ran": gate.ran, "skipped": gate.skipped}
+
+
+def _prepare(params: Params, gate: StageGate) -> list[str]:
+    """Run synthesize (built-in data), ingest, tile and split as DVC decides; the scene ids tiled."""
+    if needs_synthesis(params, gate):
         synthesize_task(params)
-        ran.insert(0, "synthesize")
-    scenes = ingest_task(params, params.data.catalog)
-    todo = plan_task(params, scenes)
-    log.info("tile: %d scene(s) to tile: %s", len(todo), " ".join(s.scene_id for s in todo) or "none")
-    tiles = summary_task(scenes, tile_all(params, todo))
-    split_json = split_task(params, scenes, tiles)
-    model_dir = train_task(params, tiles, split_json)
-    maps = predict_task(params, model_dir, scenes, split_json)
-    metrics_dir = evaluate_task(params, model_dir, tiles, split_json, maps)
-    registered = register_task(params, model_dir, metrics_dir, split_json)
-    summary = publish_metrics(model_dir, metrics_dir, registered)
-    if reason := dvc_cli.why_not_commit(params):
-        (log.warning if dvc_cli.is_repo() else log.info)("dvc.lock not updated: %s", reason)
-    else:
-        dvc_commit_task(ran)
-    return {**summary, "tiled": [s.scene_id for s in todo]}
+        _done(gate, "synthesize")
+    if gate.must_run("ingest"):
+        ingest_task(params, params.data.catalog)
+        _done(gate, "ingest")
+    todo: list[SceneRecord] = []
+    if gate.must_run("tile"):
+        todo = plan_task(params, SCENES)
+        get_run_logger().info(
+            "tile: %d scene(s) to tile: %s", len(todo), " ".join(s.scene_id for s in todo) or "none"
+        )
+        summary_task(SCENES, tile_all(params, todo))
+        _done(gate, "tile")
+    if gate.must_run("split"):
+        split_task(params, SCENES, TILES)
+        _done(gate, "split")
+    return [s.scene_id for s in todo]
+
+
+def _model(params: Params, gate: StageGate) -> dict[str, Any]:
+    """Run train, predict and evaluate as DVC decides; a model is registered once, once evaluated."""
+    if gate.must_run("train"):
+        train_task(params, TILES, SPLIT)
+        _done(gate, "train")
+    if gate.must_run("predict"):
+        predict_task(params, MODELS, SCENES, SPLIT)
+        _done(gate, "predict")
+    if not gate.must_run("evaluate"):
+        get_run_logger().info("register: no new evaluation, nothing registered")
+        return {"model_version": None}
+    evaluate_task(params, MODELS, TILES, SPLIT, PREDICTIONS)
+    registered = register_task(params, MODELS, METRICS, SPLIT)  # a model registered before: no new version
+    summary = publish_metrics(MODELS, METRICS, registered)
+    _done(gate, "evaluate")  # recorded after registering: a run killed in between registers on resume
+    return summary
+
+
+def _done(gate: StageGate, stage: str) -> None:
+    """``stage`` ran: record it in dvc.lock now when DVC decides, as ``dvc repro`` does."""
+    gate.done(stage)
+    if gate.on:
+        dvc_commit_task([stage])
 
 
 def run_pipeline(params_path: Path | str = "params.yaml", overrides: list[str] | None = None) -> dict:
