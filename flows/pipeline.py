@@ -220,8 +220,13 @@ def _model(params: Params, gate: StageGate) -> dict[str, Any]:
         get_run_logger().info("register: no new evaluation, nothing registered")
         return {"model_version": None}
     evaluate_task(params, MODELS, TILES, SPLIT, PREDICTIONS)
-    registered = register_task(params, MODELS, METRICS, SPLIT)  # a model registered before: no new version
-    summary = publish_metrics(MODELS, METRICS, registered)
+    summary: dict[str, Any] = {"model_version": None}
+    run_file = MODELS / "run.json"  # not a DVC out: a model pulled with dvc has none
+    if run_file.is_file():
+        registered = register_task(params, MODELS, METRICS, SPLIT)  # registered before: no new version
+        summary = publish_metrics(MODELS, METRICS, registered)
+    else:
+        get_run_logger().warning("register: %s not found (no MLflow run): nothing registered", run_file)
     _done(gate, "evaluate")  # recorded after registering: a run killed in between registers on resume
     return summary
 

@@ -127,3 +127,13 @@ def test_a_new_scene_reruns_ingest_tiles_that_scene_alone_and_retrains(project: 
     assert {scene: file_times(tiles / scene) for scene in kept} == kept  # the others' tiles untouched
     assert (tiles / "s3" / "index.json").is_file()
     assert project.versions() == [1, 2, 3]
+
+
+def test_an_evaluation_run_again_registers_no_second_version(project: Project):
+    """Evaluate alone reruns (its params changed, or a run died between registering and dvc commit)."""
+    project.set_params("evaluate", batch_size=128)
+    result, state, _ = project.run()
+    assert result["ran"] == ["evaluate"] and result["model_version"] == 3
+    assert project.versions() == [1, 2, 3]
+    run_id = flow_run_id(state)
+    wait_for(lambda: logs_with(run_id, "registered already"), 30, "the flow run's logs")
