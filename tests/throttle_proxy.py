@@ -39,9 +39,9 @@ class ThrottlingProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def throttle(self, refuse: int, status: int = 429) -> None:
-        """Answer the next ``refuse`` requests with ``status``."""
+        """Answer the next ``refuse`` requests with ``status``; the counts start again from 0."""
         with self.lock:
-            self.refuse, self.status = refuse, status
+            self.refuse, self.status, self.refused, self.forwarded = refuse, status, 0, 0
 
     def take(self) -> int | None:
         """The status to answer this request with, or None to forward it."""
