@@ -96,6 +96,8 @@ def test_run_has_one_point_per_epoch_and_champion_only_moves_up(prepared, monkey
     bad_run = json.loads((tmp_path / "bad" / "run.json").read_text())
     versions = client.search_model_versions("name='tilepipe-landcover'")
     assert len(versions) == 2
+    assert _evaluate(tmp_path, "good") == 0  # the same model evaluated again: no second version
+    assert len(client.search_model_versions("name='tilepipe-landcover'")) == 2
     bad_version = next(v for v in versions if v.tags.get("run_id") == bad_run["run_id"])
     assert float(bad_version.tags["test_macro_f1"]) < good_score
     assert client.get_model_version_by_alias("tilepipe-landcover", "champion").version == champion.version
