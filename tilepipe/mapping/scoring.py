@@ -203,6 +203,8 @@ def score_maps(
     low_high = {k: metrics[f"map_{k}_ci"] for k in ("accuracy", "macro_f1", "miou")}
     print(
         f"evaluate: full-scene maps of {len(records)} held-out scene(s), per {result['unit']}: "
-        + ", ".join(f"{k} {overall[k]:.3f}" + (f" [{v[0]:.3f}, {v[1]:.3f}]" if v else "") for k, v in low_high.items())
+        + ", ".join(
+            f"{k} {overall[k]:.3f}" + (f" [{v[0]:.3f}, {v[1]:.3f}]" if v else "") for k, v in low_high.items()
+        )
     )
     return metrics
