@@ -72,8 +72,9 @@ def predict_one(
     probabilities: bool = False,
     bands: str | None = None,
     prefetch: Prefetch | None = None,
+    confidence: bool = False,
 ) -> dict[str, Any]:
-    """Map one scene to ``output`` (COG), optionally with a probability band per class.
+    """Map one scene to ``output`` (COG), optionally with a probability band per class and a confidence band.
 
     Its STAC item goes beside it (``<output stem>.json``).
 
@@ -81,6 +82,6 @@ def predict_one(
     """
     model, meta = resolve_model(model_spec, prefetch)
     item = item_path(Path(output))
-    summary = predict_scene(params, model, meta, scene, output, probabilities, bands)
+    summary = predict_scene(params, model, meta, scene, output, probabilities, bands, confidence)
     write_item(build_item(Path(output), scene, meta, describe_model(model_spec, prefetch)), item)
     return {**summary, "item": str(item)}

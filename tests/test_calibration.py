@@ -6,18 +6,27 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 
 from tests.conftest import (
     CLASSES,
+    ROOT,
     SEG,
     TRAIN,
     prepare_tiny_pipeline,
+    tiny_overrides,
+    tiny_params,
+    write_raster,
 )
+from tilepipe import cli
 from tilepipe.fsutil import file_sha256
+from tilepipe.mapping.blend import NODATA
+from tilepipe.mapping.predict import predict_scene
 from tilepipe.ml import epochs
 from tilepipe.ml.calibration import (
     T_RANGE,
+    Calibrated,
     CalibrationBins,
     at_range_end,
     calibrated,
@@ -107,16 +116,91 @@ def test_ece_of_a_hand_computed_example():
     assert pixels.count.sum() == 30 and pixels.ece() == pytest.approx(by_hand.ece(), abs=1e-9)
 
 
-def test_an_old_model_without_a_temperature_still_loads(tmp_path):
+def test_an_old_model_without_a_temperature_still_loads_and_predicts(tmp_path):
     model = small_cnn()
     old_meta = {k: v for k, v in cls_meta().to_dict().items() if k != "temperature"}
     with open(tmp_path / "model.pt", "wb") as fh:  # as tilepipe saved models before calibration
         torch.save({"state_dict": model.state_dict(), "meta": old_meta}, fh)
     loaded, meta = load_model(tmp_path / "model.pt")
     assert meta.temperature == 1.0 and calibrated(loaded, meta) is loaded
+    image = np.random.default_rng(0).integers(1, 256, (3, 40, 48), dtype=np.uint8)
+    scene = write_raster(tmp_path / "s.tif", image, descriptions=RGB)
+    params = tiny_params(tmp_path)
+    summary = predict_scene(params, loaded, meta, scene, tmp_path / "map.tif", confidence=True)
+    assert summary["temperature"] == 1.0 and 0.2 <= summary["mean_confidence"] <= 1.0
 
 
-def test_training_fits_a_temperature_and_evaluate_reports_ece_before_and_after(tmp_path, capsys, monkeypatch):
+def unet_on(image: np.ndarray) -> Normalized:
+    """A seeded U-Net whose batch norm is set on the scene, so its logits are unit-sized, not ~1e-3."""
+    torch.manual_seed(0)
+    model = Normalized(UNet(3, len(CLASSES), 4), [0.5] * 3, [0.3] * 3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(torch.from_numpy(image.astype(np.float32) / 255)[None])
+    return model.eval()
+
+
+def maps_at(tmp_path, params, model, meta, scene, temperatures) -> tuple[dict, dict]:
+    """Each temperature's map (all bands, --probabilities and --confidence) and summary."""
+    bands, summaries = {}, {}
+    for t in temperatures:
+        out = tmp_path / f"map-{meta.task}-{t}.tif"
+        summaries[t] = predict_scene(
+            params, model, replace(meta, temperature=t), scene, out, probabilities=True, confidence=True
+        )
+        with rasterio.open(out) as src:
+            bands[t] = src.read()
+            assert src.descriptions == ("class", *CLASSES, "confidence")
+            assert float(src.tags()["TILEPIPE_TEMPERATURE"]) == t
+    return bands, summaries
+
+
+def test_a_temperature_changes_the_probabilities_never_a_pixel_maps_classes(tmp_path):
+    image = np.random.default_rng(5).integers(1, 256, (3, 48, 56), dtype=np.uint8)
+    image[:, :16, :16] = 0
+    scene = write_raster(tmp_path / "s.tif", image, nodata=0, descriptions=RGB)
+    params = tiny_params(tmp_path, "predict.window=64", "predict.margin=24")  # one window: no blending
+    meta = replace(cls_meta(), task="segmentation", model="unet")
+    bands, summaries = maps_at(tmp_path, params, unet_on(image), meta, scene, (1.0, 0.25))
+    np.testing.assert_array_equal(bands[1.0][0], bands[0.25][0])  # the class band
+    valid = bands[1.0][0] != NODATA
+    assert (~valid).sum() == 16 * 16
+    assert not np.array_equal(bands[1.0][1:], bands[0.25][1:])  # the probabilities and confidence
+    assert summaries[0.25]["mean_confidence"] > summaries[1.0]["mean_confidence"]  # 0.25: sharper
+    for t, data in bands.items():
+        confidence = data[-1]
+        assert (confidence[~valid] == NODATA).all() and confidence[valid].max() <= 254
+        assert (confidence[valid] == data[1:-1].max(axis=0)[valid]).all()  # the top class's probability
+        assert summaries[t]["mean_confidence"] == pytest.approx(confidence[valid].mean() / 255, abs=1 / 255)
+
+    # The wrapper every map applies: logits / T, once.
+    x = torch.rand(4, 3, 16, 16)
+    model = small_cnn()
+    wrapped = calibrated(model, cls_meta(temperature=2.0))
+    assert isinstance(wrapped, Calibrated) and calibrated(wrapped, cls_meta(temperature=2.0)) is wrapped
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), model(x) / 2.0)
+
+
+def test_a_classifier_map_averages_calibrated_windows(tmp_path):
+    """A cell's class is the argmax of its windows' mean softmax: T can move a cell whose windows disagree."""
+    image = np.random.default_rng(6).integers(1, 256, (3, 64, 80), dtype=np.uint8)
+    scene = write_raster(tmp_path / "s.tif", image, descriptions=RGB)
+    params = tiny_params(tmp_path)
+    bands, summaries = maps_at(tmp_path, params, small_cnn(), cls_meta(), scene, (1.0, 0.25))
+    same = (bands[1.0][0] == bands[0.25][0]).mean()
+    assert same >= 0.8, same
+    assert not np.array_equal(bands[1.0][1:], bands[0.25][1:])
+    for data in bands.values():
+        assert (data[-1] == data[1:-1].max(axis=0)).all()
+
+
+def test_training_fits_a_temperature_evaluate_reports_ece_predict_maps_confidence(
+    tmp_path, capsys, monkeypatch
+):
     tmp_path, params = prepare_tiny_pipeline(tmp_path, *TRAIN, "train.min_purity=0.9")  # some tiles mixed
     monkeypatch.chdir(tmp_path)
     summary = train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "models")
@@ -139,6 +223,29 @@ def test_training_fits_a_temperature_and_evaluate_reports_ece_before_and_after(t
     assert 0 <= saved["ece"] <= 1 and 0 <= saved["ece_uncalibrated"] <= 1
     assert saved["ece"] != saved["ece_uncalibrated"]
     assert "15-bin ECE" in (tmp_path / "metrics" / "report.txt").read_text()
+
+    # tilepipe predict --confidence: one more band; the class band is the one without it.
+    sets = [x for o in [*tiny_overrides(tmp_path), *TRAIN] for x in ("--set", o)]
+    base = ["predict", str(tmp_path / "s3.tif"), "--model", str(tmp_path / "models")]
+    base += ["--params", str(ROOT / "params.yaml")]
+    for name, flags in (("plain", []), ("confident", ["--confidence"])):
+        base[2:2] = [str(tmp_path / f"{name}.tif")]
+        assert cli.main([*base, *sets, *flags]) == 0
+        del base[2]
+    printed = capsys.readouterr().out
+    with rasterio.open(tmp_path / "plain.tif") as plain, rasterio.open(tmp_path / "confident.tif") as out:
+        assert plain.count == 1 and out.count == 2 and out.descriptions == ("class", "confidence")
+        assert out.dtypes == ("uint8", "uint8") and out.tags(2)["PROBABILITY_SCALE"].startswith("top-class")
+        np.testing.assert_array_equal(plain.read(1), out.read(1))
+        confidence, mapped = out.read(2), out.read(1) != NODATA
+        mean = float(out.tags()["TILEPIPE_MEAN_CONFIDENCE"])
+    assert confidence[mapped].min() >= 255 // len(CLASSES) and confidence[mapped].max() <= 254
+    assert mean == pytest.approx(confidence[mapped].mean() / 255, abs=1 / 255)
+    assert f"mean confidence {mean:.3f}" in printed
+    item = json.loads((tmp_path / "confident.json").read_text())
+    assert item["properties"]["tilepipe:mean_confidence"] == mean
+    assert item["properties"]["tilepipe:temperature"] == meta.temperature
+    assert "band 2: top-class probability" in item["assets"]["map"]["description"]
 
     save_meta(tmp_path / "models" / "model.pt", replace(meta, temperature=1.0))  # the same weights, T = 1
     again = evaluate(*args, tmp_path / "metrics-t1")

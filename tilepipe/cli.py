@@ -80,8 +80,11 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.tracking.fetch import Prefetch, is_mlflow_spec
 
     model_spec = args.model or f"models:/{params.track.model_name}@champion"
-    if args.test_scenes is not None and (args.scene is not None or args.probabilities or args.bands):
-        raise TilepipeError("predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities or --bands")
+    one_scene = args.scene is not None or args.probabilities or args.confidence or args.bands
+    if args.test_scenes is not None and one_scene:
+        raise TilepipeError(
+            "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities, --confidence or --bands"
+        )
     if args.test_scenes is None and (args.scene is None or args.output is None):
         raise TilepipeError("predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the test scenes")
     # Ask MLflow in a helper process now, while this one imports torch: the two seconds overlap.
@@ -92,7 +95,8 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
         if args.test_scenes is not None:
             predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes, prefetch)
         else:
-            predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands, prefetch)
+            extra = (args.probabilities, args.bands, prefetch, args.confidence)
+            predict_one(params, model_spec, args.scene, args.output, *extra)
     finally:
         if prefetch is not None:
             prefetch.close()
