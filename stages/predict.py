@@ -76,8 +76,9 @@ def predict_one(
     bands: str | None = None,
     prefetch: Prefetch | None = None,
     aoi: Path | None = None,
+    confidence: bool = False,
 ) -> dict[str, Any]:
-    """Map one scene to ``output`` (COG), optionally with a probability band per class.
+    """Map one scene to ``output`` (COG), optionally with a probability band per class and a confidence band.
 
     Its STAC item goes beside it (``<output stem>.json``). ``aoi``: a GeoJSON or vector file; the map
     is nodata outside it.
@@ -87,6 +88,8 @@ def predict_one(
     model, meta = resolve_model(model_spec, prefetch)
     item = item_path(Path(output))
     area = None if aoi is None else aoi_file(aoi)
-    summary = predict_scene(params, model, meta, scene, output, probabilities, bands, area)
+    summary = predict_scene(
+        params, model, meta, scene, output, probabilities, bands, aoi=area, confidence=confidence
+    )
     write_item(build_item(Path(output), scene, meta, describe_model(model_spec, prefetch)), item)
     return {**summary, "item": str(item)}

@@ -80,10 +80,11 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.tracking.fetch import Prefetch, is_mlflow_spec
 
     model_spec = args.model or f"models:/{params.track.model_name}@champion"
-    one_scene = args.scene is not None or args.probabilities or args.bands or args.aoi
+    one_scene = args.scene is not None or args.probabilities or args.confidence or args.bands or args.aoi
     if args.test_scenes is not None and one_scene:
         raise TilepipeError(
-            "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities, --bands or --aoi"
+            "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities, --confidence, --bands "
+            "or --aoi"
         )
     if args.test_scenes is None and (args.scene is None or args.output is None):
         raise TilepipeError("predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the test scenes")
@@ -95,8 +96,9 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
         if args.test_scenes is not None:
             predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes, prefetch)
         else:
-            chosen = (args.probabilities, args.bands, prefetch, args.aoi)
-            predict_one(params, model_spec, args.scene, args.output, *chosen)
+            chosen = {"probabilities": args.probabilities, "bands": args.bands, "prefetch": prefetch}
+            chosen |= {"aoi": args.aoi, "confidence": args.confidence}
+            predict_one(params, model_spec, args.scene, args.output, **chosen)
     finally:
         if prefetch is not None:
             prefetch.close()

@@ -77,6 +77,11 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             "--aoi", type=Path, default=None, help="area of interest (GeoJSON or vector file): nodata outside"
         ),
         s.add_argument(
+            "--confidence",
+            action="store_true",
+            help="add a band of the top class's calibrated probability (x 255) to mask uncertain pixels",
+        ),
+        s.add_argument(
             "--bands",
             default=None,
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",

@@ -40,6 +40,7 @@ class ModelMeta:
     # lineage of pretrained weights (train.init): the file's name and SHA-256, None from random weights
     init: str | None = None
     init_sha256: str | None = None
+    temperature: float = 1.0  # logits / temperature before softmax (fitted on val; 1.0: uncalibrated)
 
     @property
     def segmentation(self) -> bool:
@@ -84,6 +85,13 @@ def save_model(path: Path, model: Normalized, meta: ModelMeta) -> None:
     # make the bytes depend on the random temp name.
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save({"state_dict": model.state_dict(), "meta": meta.to_dict()}, fh)
+
+
+def save_meta(path: Path, meta: ModelMeta) -> None:
+    """Replace the meta of a saved model, its weights kept byte for byte, atomically."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"state_dict": blob["state_dict"], "meta": meta.to_dict()}, fh)
 
 
 def model_from_meta(meta: ModelMeta) -> Normalized:

@@ -130,6 +130,7 @@ def load_training_data(params: Params, tiles_dir: Path, split_json: Path) -> Tra
     for name, ref in refs.items():
         if len(ref.tile) == 0:
             raise TilepipeError(f"{split_json}: the {name} split has no usable tile (train.min_purity?)")
+    refs["calibration"] = select_tiles(stores, members["val"], tp.task, 0.0)  # every labelled val tile
     tile_size = int(next(iter(stores.values())).index["tile_size"])
     stats = band_statistics(stores, refs["train"])
     counts = class_counts(stores, refs["train"], tp.task, len(params.data.classes))
