@@ -45,7 +45,12 @@ def evaluate(
 
 
 def register(params: Params, model_dir: Path, metrics_dir: Path, split_json: Path) -> dict[str, Any]:
-    """Register the model of ``model_dir/run.json`` with its test metrics; maybe crown it."""
+    """Register the model of ``model_dir/run.json`` with its test metrics; maybe crown it.
+
+    The per-scene matrices (``scene_confusion.json``) let the champion rule compare scene by scene.
+    """
     run = json.loads((Path(model_dir) / "run.json").read_text())
     metrics = json.loads((Path(metrics_dir) / "metrics.json").read_text())
-    return register_version(run, metrics, params, split_json)
+    scenes_file = Path(metrics_dir) / "scene_confusion.json"
+    scenes = json.loads(scenes_file.read_text()) if scenes_file.is_file() else None
+    return register_version(run, metrics, params, split_json, scenes)

@@ -286,6 +286,10 @@ class TrackParams(Section):
     experiment: str = Field(min_length=1)
     model_name: str = Field(min_length=1)
     champion_metric: Literal["macro_f1", "accuracy", "miou"] = "macro_f1"
+    # the new version takes the alias only when the lower end of the paired scene-bootstrap interval
+    # of (new - champion) at this confidence is above the margin
+    champion_confidence: float = Field(default=0.9, gt=0, lt=1)
+    champion_margin: float = Field(default=0.0, ge=0, lt=1)
 
 
 class Params(Section):
