@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -84,6 +85,11 @@ def test_study_writes_table_plot_and_nested_mlflow_runs(study_run: Path, workspa
         assert rows[f"trap-1-{repeat}"]["scenes"] == rows[f"scenes-1-{repeat}"]["scenes"]
     assert (study_run / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["summary"]["by_size"]["1"]["n"] == 2 and doc["summary"]["trap"]["self"]["n"] == 2
+    one = doc["summary"]["by_size"]["1"]  # the spread across repeats and the t interval of its mean
+    scores = [float(rows[f"scenes-1-{r}"]["heldout"]) for r in ("0", "1")]
+    assert one["std"] == pytest.approx(np.std(scores, ddof=1), abs=2e-4)
+    half = 12.7062 * np.std(scores, ddof=1) / np.sqrt(2)  # Student t, 1 degree of freedom
+    assert one["ci"] == pytest.approx([np.mean(scores) - half, np.mean(scores) + half], abs=5e-4)
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tilepipe").experiment_id])
@@ -102,6 +108,9 @@ def test_study_writes_table_plot_and_nested_mlflow_runs(study_run: Path, workspa
         assert ("self_macro_f1" in child.data.metrics) == (tags["study.kind"] == "trap")
     curve = client.get_metric_history(parent.info.run_id, "heldout_macro_f1")
     assert [m.step for m in curve] == [1, 2]
+    for name, value in (("std", one["std"]), ("ci_low", one["ci"][0]), ("ci_high", one["ci"][1])):
+        logged = client.get_metric_history(parent.info.run_id, f"heldout_macro_f1_{name}")
+        assert logged[0].step == 1 and logged[0].value == pytest.approx(value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
     assert artifacts == {"study/study.csv", "study/study.json", "study/study.png"}
 
@@ -141,8 +150,6 @@ def test_plan_is_seeded_nested_and_equal_in_tiles(workspace: Path, tmp_path: Pat
     assert scene_orders(["a", "b", "c", "d"], 3, 0) != scene_orders(["a", "b", "c", "d"], 3, 5)
     assert plan_study(other, workspace / "tiles", workspace / "split.json", tmp_path / "b") != plan
     assert study_sizes(None, 6, Path("x")) == [1, 2, 4, 6] and study_sizes(None, 1, Path("x")) == [1]
-    import numpy as np
-
     drawn = share({"a": np.arange(3), "b": np.arange(50)}, 20, np.random.default_rng(0))
     assert len(drawn["a"]) == 3 and len(drawn["b"]) == 17
 

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 
 from tilepipe.fsutil import write_json, write_text  # noqa: E402
 from tilepipe.ml.plots import save_png  # noqa: E402
+from tilepipe.ml.uncertainty import across_values  # noqa: E402
 
 COLUMNS = (
     "kind",
@@ -28,12 +29,11 @@ COLUMNS = (
 )
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def _stats(values: list[float]) -> dict[str, Any]:
+    """n, mean, sample std and 95 % t interval of the mean (``across_values``; None for one run), min, max."""
     arr = np.asarray(values, dtype=np.float64)
     return {
-        "n": len(arr),
-        "mean": round(float(arr.mean()), 4),
-        "std": round(float(arr.std()), 4),
+        **across_values(list(arr)),
         "min": round(float(arr.min()), 4),
         "max": round(float(arr.max()), 4),
     }
@@ -75,27 +75,28 @@ def study_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_study(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
-    """Held-out score against training scenes with the spread; the trap's self-score as its own marker."""
-    metric = summary["metric"]
+    """Held-out score against training scenes, and below it the spread across repeats per size.
+
+    Above: the mean, its 95 % interval, the min-max band and each training; the trap's self-score
+    as its own marker. Below: the standard deviation across repeats, which settles as places add up.
+    """
     sizes = [int(k) for k in summary["by_size"]]
-    means = [summary["by_size"][str(s)]["mean"] for s in sizes]
-    lows = [summary["by_size"][str(s)]["min"] for s in sizes]
-    highs = [summary["by_size"][str(s)]["max"] for s in sizes]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.fill_between(sizes, lows, highs, color="tab:blue", alpha=0.15, label="spread across repeats (min-max)")
+    stats = [summary["by_size"][str(s)] for s in sizes]
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(7.5, 6.6), sharex=True, height_ratios=(3, 1.2))
+    ax.fill_between(sizes, [s["min"] for s in stats], [s["max"] for s in stats], color="tab:blue",
+                    alpha=0.12, label="spread across repeats (min-max)")  # fmt: skip
+    banded = [(size, s["mean"], *s["ci"]) for size, s in zip(sizes, stats, strict=True) if s.get("ci")]
+    if banded:  # a band between sizes, and bars that show even where only one size has an interval
+        x, mid, lo, hi = (np.asarray(column) for column in zip(*banded, strict=True))
+        ax.fill_between(x, lo, hi, color="tab:blue", alpha=0.3, linewidth=0)
+        ax.errorbar(x, mid, yerr=[mid - lo, hi - mid], fmt="none", ecolor="tab:blue", elinewidth=2.5,
+                    capsize=5, alpha=0.7, label="95 % interval of the mean (t, across repeats)")  # fmt: skip
     points = [r for r in rows if r["kind"] == "scenes"]
     ax.scatter([r["size"] for r in points], [r["heldout"] for r in points], s=18, color="tab:blue", alpha=0.6)
+    means = [s["mean"] for s in stats]
     ax.plot(sizes, means, marker="o", color="tab:blue", label="held-out test scenes (mean)")
-    traps = [r for r in rows if r["kind"] == "trap"]
-    if traps:
-        x = np.full(len(traps), 1.0 + 0.03 * (sizes[-1] - sizes[0] or 1))  # beside the 1-scene points
-        ax.scatter(x, [r["self"] for r in traps], marker="*", s=160, color="tab:red", zorder=3,
-                   label="single-scene trap: other blocks of the same scene")  # fmt: skip
-        ax.scatter(x, [r["heldout"] for r in traps], marker="x", s=60, color="tab:red", zorder=3,
-                   label="same trap models on the held-out scenes")  # fmt: skip
-    ax.set_xticks(sizes)
-    ax.set_xlabel("training scenes")
-    ax.set_ylabel(f"{metric} on held-out test scenes")
+    _plot_traps(ax, rows, sizes)
+    ax.set_ylabel(f"{summary['metric']} on held-out test scenes")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -104,7 +105,26 @@ def plot_study(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         "per model",
         fontsize=10,
     )
+    spread = [(size, s["std"]) for size, s in zip(sizes, stats, strict=True) if s.get("std") is not None]
+    low.plot([p[0] for p in spread], [p[1] for p in spread], marker="o", color="tab:purple")
+    low.set_ylabel("std across\nrepeats", fontsize=9)
+    low.set_ylim(bottom=0)
+    low.grid(alpha=0.3)
+    low.set_xticks(sizes)
+    low.set_xlabel("training scenes")
     save_png(fig, path)
+
+
+def _plot_traps(ax: Any, rows: list[dict[str, Any]], sizes: list[int]) -> None:
+    """The single-scene trap's self-scores and held-out scores, beside the 1-scene points."""
+    traps = [r for r in rows if r["kind"] == "trap"]
+    if not traps:
+        return
+    x = np.full(len(traps), 1.0 + 0.03 * (sizes[-1] - sizes[0] or 1))
+    ax.scatter(x, [r["self"] for r in traps], marker="*", s=160, color="tab:red", zorder=3,
+               label="single-scene trap: other blocks of the same scene")  # fmt: skip
+    ax.scatter(x, [r["heldout"] for r in traps], marker="x", s=60, color="tab:red", zorder=3,
+               label="same trap models on the held-out scenes")  # fmt: skip
 
 
 def write_outputs(out: Path, plan: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -125,11 +145,13 @@ def terminal_table(summary: dict[str, Any]) -> str:
         f"study: held-out {metric} on {len(summary['test_scenes'])} test scene(s) "
         f"({' '.join(summary['test_scenes'])}); {summary['train_tiles']} training tiles x "
         f"{summary['epochs']} epochs per training",
-        f"  {'scenes':>6} {'runs':>5} {'mean':>7} {'std':>7} {'min':>7} {'max':>7}",
+        f"  {'scenes':>6} {'runs':>5} {'mean':>7} {'std':>7} {'95 % interval':>16} {'min':>7} {'max':>7}",
     ]
     for size, s in summary["by_size"].items():
+        std = "-" if s["std"] is None else f"{s['std']:.3f}"
+        band = "-" if s["ci"] is None else f"[{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
         lines.append(
-            f"  {size:>6} {s['n']:>5} {s['mean']:>7.3f} {s['std']:>7.3f} {s['min']:>7.3f} {s['max']:>7.3f}"
+            f"  {size:>6} {s['n']:>5} {s['mean']:>7.3f} {std:>7} {band:>16} {s['min']:>7.3f} {s['max']:>7.3f}"
         )
     if "trap" in summary:
         trap = summary["trap"]

@@ -232,9 +232,13 @@ def log_study(run_id: str, summary: dict[str, Any], out: Path) -> None:
     client = connected_mlflow().MlflowClient(tracking_uri())
     metric = summary["metric"]
     for size, stats in summary["by_size"].items():
-        for name in ("mean", "min", "max"):
+        low, high = stats.get("ci") or (None, None)
+        values = {"mean": stats["mean"], "min": stats["min"], "max": stats["max"], "std": stats.get("std"),
+                  "ci_low": low, "ci_high": high}  # fmt: skip
+        for name, value in values.items():
             key = f"heldout_{metric}" + ("" if name == "mean" else f"_{name}")
-            client.log_metric(run_id, key, stats[name], step=int(size))
+            if value is not None:  # one training of that size: no spread, no interval
+                client.log_metric(run_id, key, float(value), step=int(size))
     if "trap" in summary:
         client.log_metric(run_id, f"trap_self_{metric}", summary["trap"]["self"]["mean"])
         client.log_metric(run_id, f"trap_heldout_{metric}", summary["trap"]["heldout"]["mean"])
