@@ -58,12 +58,8 @@ def _split(params: Params, args: argparse.Namespace) -> None:
 def _train(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.stages.train import train
 
-    if args.nproc_per_node is not None:
-        from tilepipe.params import apply_overrides, validate
-
-        flag = [f"train.nproc_per_node={args.nproc_per_node}"]
-        params = validate(apply_overrides(params.model_dump(mode="json"), flag), source="--nproc-per-node")
-    train(params, args.tiles, args.split, args.out)
+    flags = [f"train.nproc_per_node={args.nproc_per_node}"] if args.nproc_per_node is not None else []
+    train(_flagged(params, flags, "--nproc-per-node"), args.tiles, args.split, args.out)
 
 
 @command("evaluate", "score the model on the held-out test scenes, log it and register it")
@@ -140,16 +136,15 @@ def _catalog(params: Params, args: argparse.Namespace) -> None:
     print(f"catalog: wrote the data: and bands: sections of {target} ({classes} classes)")
 
 
-@command("flow", "run the whole pipeline (or `flow study`: the scene-scaling study) as a Prefect flow")
+@command("flow", "run the whole pipeline (or `flow study`, `flow cv`) as a Prefect flow")
 def _flow(params: Params, args: argparse.Namespace) -> None:
     if args.flow == "study":
-        from tilepipe.flows.study import run_study_flow
-
-        run_study_flow(args.params, args.overrides)
-        return
-    from tilepipe.flows.pipeline import run_pipeline
-
-    run_pipeline(args.params, args.overrides)
+        from tilepipe.flows.study import run_study_flow as run
+    elif args.flow == "cv":
+        from tilepipe.flows.cv import run_cv_flow as run
+    else:
+        from tilepipe.flows.pipeline import run_pipeline as run
+    run(args.params, args.overrides)
 
 
 @command("serve", "serve the Prefect deployments: nightly schedule and on demand")
@@ -171,14 +166,28 @@ def _deploy(params: Params, args: argparse.Namespace) -> None:
 
 @command("study", "scene-scaling study: held-out score against the number of training scenes")
 def _study(params: Params, args: argparse.Namespace) -> None:
-    from tilepipe.params import apply_overrides, validate
     from tilepipe.stages.study import study
 
     flags = [f"study.sizes={args.sizes}"] if args.sizes else []
     flags += [f"study.repeats={args.repeats}"] if args.repeats is not None else []
-    if flags:
-        params = validate(apply_overrides(params.model_dump(mode="json"), flags), source="tilepipe study")
-    study(params, args.tiles, args.split, args.out)
+    study(_flagged(params, flags, "tilepipe study"), args.tiles, args.split, args.out)
+
+
+@command("cv", "scene-grouped cross-validation: every labelled scene tested once (metrics/cv.json)")
+def _cv(params: Params, args: argparse.Namespace) -> None:
+    from tilepipe.stages.cv import cv
+
+    flags = [f"cv.folds={args.folds}"] if args.folds is not None else []
+    cv(_flagged(params, flags, "--folds"), args.scenes, args.tiles, args.out, args.metrics)
+
+
+def _flagged(params: Params, flags: list[str], source: str) -> Params:
+    """``params`` with a subcommand's own flags applied as ``--set`` overrides, validated."""
+    if not flags:
+        return params
+    from tilepipe.params import apply_overrides, validate
+
+    return validate(apply_overrides(params.model_dump(mode="json"), flags), source=source)
 
 
 @command("services", "start (up), stop (down) or show (status) PostgreSQL, S3, MLflow and Prefect servers")
@@ -260,10 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 NO_PARAMS = {"services"}  # commands that run without a params file
-TORCH_COMMANDS = {"train", "evaluate", "predict", "flow", "serve", "study"}
+TORCH_COMMANDS = {"train", "evaluate", "predict", "flow", "serve", "study", "cv"}
 
 
 def configure_process(params: Params, command_name: str) -> None:

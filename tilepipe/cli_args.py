@@ -98,6 +98,10 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--sizes", type=_sizes, default=None, help="training-scene counts, e.g. 1,2,4,6"),
         s.add_argument("--repeats", type=int, default=None, help="seeded repeats (default: study.repeats)"),
     ),
+    "cv": lambda s: (
+        _path_args(s, scenes=w.SCENES, tiles=w.TILES, out=w.CV, metrics=w.CV_METRICS),
+        s.add_argument("--folds", type=int, default=None, metavar="K", help="folds (default: cv.folds)"),
+    ),
     "catalog": lambda s: (
         s.add_argument("catalog", type=Path, help="the catalog: a CSV, or a STAC catalog, collection or item "
                        "collection (JSON)"),
@@ -130,6 +134,6 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--dir", type=Path, default=Path(".services"), help="its folder (default: .services)"),
     ),
     "flow": lambda s: s.add_argument(
-        "flow", nargs="?", choices=["pipeline", "study"], default="pipeline", help="(default: pipeline)"
+        "flow", nargs="?", choices=["pipeline", "study", "cv"], default="pipeline", help="(default: pipeline)"
     ),
 }

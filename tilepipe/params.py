@@ -259,6 +259,12 @@ class StudyParams(Section):
         return sorted(sizes)
 
 
+class CvParams(Section):
+    """Scene-grouped cross-validation (``tilepipe cv``): how many folds."""
+
+    folds: int = Field(default=5, ge=2, le=100)
+
+
 class ScheduleParams(Section):
     """When the served "nightly" Prefect deployment runs (cron, UTC)."""
 
@@ -309,6 +315,7 @@ class Params(Section):
     schedule: ScheduleParams = ScheduleParams()
     orchestrate: OrchestrateParams = OrchestrateParams()
     study: StudyParams = StudyParams()
+    cv: CvParams = CvParams()
 
     @model_validator(mode="after")
     def _unet_tile_size(self) -> Params:

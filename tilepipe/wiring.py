@@ -17,3 +17,5 @@ MODELS = Path("models")
 PREDICTIONS = Path("predictions")
 METRICS = Path("metrics")
 STUDY = Path("reports/study")
+CV = Path("reports/cv")  # tilepipe cv: each fold's split, model and evaluation (runs/), folds.json
+CV_METRICS = METRICS / "cv.json"

@@ -95,14 +95,14 @@ def share(pools: dict[str, np.ndarray], total: int, rng: np.random.Generator) ->
     }
 
 
-def training_params(params: Params, seed: int) -> Params:
-    """The params of one study training: the study's seed, epochs and thread budget, no resume."""
+def training_params(params: Params, seed: int, epochs: int | None = None) -> Params:
+    """The params of one study training: its seed, epochs (default ``study.epochs``), the thread budget."""
     study = params.study
     raw = apply_overrides(
         params.model_dump(mode="json"),
         [
             f"seed={seed}",
-            f"train.epochs={study.epochs}",
+            f"train.epochs={epochs or study.epochs}",
             f"train.threads={study.threads}",
             "train.resume=false",
         ],
@@ -210,13 +210,15 @@ def run_training(
 ) -> dict[str, Any]:
     """Train one study model (tilepipe/ml/training.py) and score it on the held-out test scenes.
 
-    A trap training is also scored on the test blocks of its own scene (its "self" score).
+    A trap training is also scored on the test blocks of its own scene (its "self" score). A
+    training with ``heldout_split`` (a cross-validation fold) is scored on that split's test scenes.
     """
     folder = Path(training["dir"])
-    tp = training_params(params, training["seed"])
+    tp = training_params(params, training["seed"], training.get("epochs"))
     summary = train(tp, Path(tiles_dir), folder / "split.json", folder / "model", on_epoch=on_epoch)
     metric = METRIC[tp.train.task]
-    heldout = evaluate(tp, folder / "model", Path(tiles_dir), Path(split_json), folder / "heldout")
+    heldout_split = Path(training.get("heldout_split") or split_json)
+    heldout = evaluate(tp, folder / "model", Path(tiles_dir), heldout_split, folder / "heldout")
     row = {
         **{k: training[k] for k in ("name", "kind", "size", "repeat", "seed", "train_tiles")},
         "scenes": " ".join(training["scenes"]),

@@ -39,15 +39,15 @@ def parallelism(params: Params) -> int:
 
 
 @contextmanager
-def study_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.study.lock`` for the study: a second study writing into ``out`` is an error."""
+def study_lock(out: Path, what: str = "study") -> Iterator[None]:
+    """Hold ``out/.study.lock`` for the study (or ``what``): a second one writing into ``out`` is an error."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".study.lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise TilepipeError(f"{out}: another study is writing here; wait for it or use --out") from None
+            raise TilepipeError(f"{out}: another {what} is writing here; wait for it or use --out") from None
         yield
 
 

@@ -26,20 +26,21 @@ from tilepipe.tracking.runs import (
 
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train and score one study model inside a child MLflow run; write and return its result row."""
+    """Train and score one study model (or cross-validation fold) in a child MLflow run; write its row."""
     params = validate(spec["params"], source="study")
     torch.set_num_threads(params.study.threads)
     training, folder = spec["training"], Path(spec["training"]["dir"])
-    tp = training_params(params, training["seed"])
-    tags = {
-        "mlflow.parentRunId": spec["parent_run_id"],
+    tp = training_params(params, training["seed"], training.get("epochs"))
+    tags = training.get("tags") or {  # a cross-validation fold brings its own
         "study.kind": training["kind"],
         "study.size": str(training["size"]),
         "study.repeat": str(training["repeat"]),
         "study.scenes": " ".join(training["scenes"]),
         "study.train_tiles": str(training["train_tiles"]),
     }
-    with training_run(tp, folder / "split.json", name=f"study-{training['name']}", tags=tags) as run:
+    tags = {"mlflow.parentRunId": spec["parent_run_id"], **tags}
+    name = training.get("run_name") or f"study-{training['name']}"
+    with training_run(tp, folder / "split.json", name=name, tags=tags) as run:
         row = run_training(params, training, Path(spec["tiles"]), Path(spec["split"]), on_epoch=log_epoch)
         if row["self"] is not None:
             log_run_metrics({f"self_{k}": float(v) for k, v in row["self_metrics"].items()})

@@ -244,3 +244,18 @@ def log_study(run_id: str, summary: dict[str, Any], out: Path) -> None:
         client.log_metric(run_id, f"trap_heldout_{metric}", summary["trap"]["heldout"]["mean"])
     for name in ("study.csv", "study.json", "study.png"):
         client.log_artifact(run_id, str(out / name), artifact_path="study")
+
+
+def log_cv(run_id: str, doc: dict[str, Any], path: Path) -> None:
+    """Cross-validation on its parent run: ``cv_<metric>`` per fold (step = fold), the summary, cv.json."""
+    client = connected_mlflow().MlflowClient(tracking_uri())
+    for fold in doc["per_fold"]:
+        for key in ("accuracy", "macro_f1", "miou"):
+            client.log_metric(run_id, f"cv_{key}", float(fold[key]), step=int(fold["fold"]))
+    for key, stats in doc["summary"].items():
+        flat = {f"cv_{key}_mean": stats["mean"], f"cv_{key}_std": stats["std"]}
+        flat.update(zip((f"cv_{key}_ci_low", f"cv_{key}_ci_high"), stats["ci"] or (None, None), strict=True))
+        for name, value in flat.items():
+            if value is not None:
+                client.log_metric(run_id, name, float(value))
+    client.log_artifact(run_id, str(path), artifact_path="cv")
