@@ -24,6 +24,7 @@ from tilepipe.fsutil import remove_leftovers
 from tilepipe.geo.read_errors import is_transient_read_error
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
+from tilepipe.stages.analyze import analyze
 from tilepipe.stages.evaluate import evaluate, register
 from tilepipe.stages.ingest import ingest
 from tilepipe.stages.predict import predict_held_out
@@ -31,7 +32,7 @@ from tilepipe.stages.split import split
 from tilepipe.stages.synthesize import synthesize
 from tilepipe.stages.tile import plan_tiling, summarize_tiles, tile_one
 from tilepipe.stages.train import train
-from tilepipe.wiring import METRICS, MODELS, PREDICTIONS, SCENES, SPLIT, SYNTHETIC, TILES
+from tilepipe.wiring import METRICS, MODELS, PREDICTIONS, SCENES, SPLIT, STATS, SYNTHETIC, TILES
 
 BACKOFF = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s between the 3 retries of a tile task
 step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incremental by fingerprint
@@ -98,10 +99,17 @@ def split_task(params: Params, scenes_json: Path, tiles: Path) -> Path:
     return SPLIT
 
 
+@step(name="analyze")
+def analyze_task(params: Params, scenes_json: Path, tiles: Path, split_json: Path) -> Path:
+    """Band statistics and class pixel counts of the training tiles into data/stats/stats.json."""
+    analyze(params, scenes_json, tiles, split_json, STATS)
+    return STATS
+
+
 @step(name="train")
-def train_task(params: Params, tiles: Path, split_json: Path) -> Path:
+def train_task(params: Params, tiles: Path, split_json: Path, stats_json: Path) -> Path:
     """Train in an MLflow run into models/, each epoch also logged to the Prefect logs."""
-    train(params, tiles, split_json, MODELS, on_epoch=log_epoch)
+    train(params, tiles, split_json, MODELS, on_epoch=log_epoch, stats_json=stats_json)
     return MODELS
 
 
@@ -165,7 +173,7 @@ def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
 
 @flow(name="tilepipe", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run synthesize (built-in data), ingest, tile, split, train, predict, evaluate, register."""
+    """Run synthesize (built-in data), ingest, tile, split, analyze, train, predict, evaluate, register."""
     with pipeline_lock():  # one run per repository: DVC's repo lock, which `dvc repro` takes too
         return _pipeline(params_path, overrides)
 
@@ -173,7 +181,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
 def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
     """The flow's body, run while the repository's lock is held."""
     params = load_params(params_path, overrides)  # bad values fail the run at once, naming the key
-    log, ran = get_run_logger(), ["ingest", "tile", "split", "train", "predict", "evaluate"]
+    log, ran = get_run_logger(), ["ingest", "tile", "split", "analyze", "train", "predict", "evaluate"]
     if needs_synthesis(params):
         synthesize_task(params)
         ran.insert(0, "synthesize")
@@ -182,7 +190,8 @@ def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
     log.info("tile: %d scene(s) to tile: %s", len(todo), " ".join(s.scene_id for s in todo) or "none")
     tiles = summary_task(scenes, tile_all(params, todo))
     split_json = split_task(params, scenes, tiles)
-    model_dir = train_task(params, tiles, split_json)
+    stats_json = analyze_task(params, scenes, tiles, split_json)
+    model_dir = train_task(params, tiles, split_json, stats_json)
     maps = predict_task(params, model_dir, scenes, split_json)
     metrics_dir = evaluate_task(params, model_dir, tiles, split_json, maps)
     registered = register_task(params, model_dir, metrics_dir, split_json)

@@ -62,10 +62,12 @@ class DataParams(Section):
 
 
 class BandParams(Section):
-    """Which named bands feed the model and how each dtype's range maps to [0, 1]."""
+    """Which named bands feed the model, how each dtype's range maps to [0, 1], then how it is normalised."""
 
     input: list[str] = Field(min_length=1)
     scale: dict[Literal[DTYPES], tuple[float, float]]  # type: ignore[valid-type]
+    # range (as scaled) | standardize | percentile (training tiles' figures) | scene (each scene's own)
+    normalize: Literal["range", "standardize", "percentile", "scene"] = "range"
 
     @field_validator("input")
     @classmethod
@@ -177,12 +179,18 @@ class TrainParams(Section):
     early_stopping: EarlyStopping = EarlyStopping()
     min_purity: float = Field(default=0.6, gt=0, le=1)
     class_weights: Literal["none", "inverse", "sqrt_inverse"] = "sqrt_inverse"
-    augment: bool = True
+    augment: Literal["none", "geometric", "photometric", "both"] = "geometric"
     precision: Literal["fp32", "bf16", "amp"] = "fp32"
     workers: int = Field(default=0, ge=0, le=64)
     threads: int = Field(default=0, ge=0, le=256)
     resume: bool = False
     nproc_per_node: int = Field(default=1, ge=1, le=256)  # processes (torchrun); the batch is split across
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value: Any) -> Any:
+        """``true`` / ``false`` (the flag before photometric jitter existed): geometric / none."""
+        return {True: "geometric", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _task_fits_model(self) -> TrainParams:
@@ -211,6 +219,7 @@ class PredictParams(Section):
     window: int = Field(default=256, ge=8, le=8192)
     margin: int = Field(default=48, ge=0)
     batch_size: int = Field(default=16, ge=1)
+    gsd_tolerance: float = Field(default=0.25, ge=0)  # share a scene's GSD may lie outside the trained range
 
     @model_validator(mode="after")
     def _fits(self) -> PredictParams:

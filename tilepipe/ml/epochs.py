@@ -55,7 +55,8 @@ def end_epoch(
     """Keep the model if best, checkpoint, print; True when early stopping ends the training."""
     improved = _keep_if_best(params, state, epoch, metrics)
     if improved:
-        meta = model_meta(params, data.stats, data.tile_size, epoch, metrics)
+        inputs = data.inputs
+        meta = model_meta(params, data.stats, data.tile_size, epoch, metrics, inputs.norm, inputs.gsd_range)
         save_model(out_dir / "model.pt", trainer.model, meta)
         with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, cm)
