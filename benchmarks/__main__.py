@@ -2,7 +2,8 @@
 
 `python -m benchmarks` runs all of them; `python -m benchmarks tiling datapath` runs a subset and
 updates only those entries of an existing results.json. `python -m benchmarks seeds` (named only)
-reruns the default pipeline under three seeds and writes metrics/seeds.json.
+reruns the default pipeline under three seeds and writes metrics/seeds.json; `python -m benchmarks
+normalization` (named only) compares bands.normalize and train.augment options on held-out scenes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from benchmarks import (
     datapath,
     ddp,
     memory,
+    normalization,
     orchestration,
     remote,
     seeds,
@@ -43,7 +45,7 @@ BENCHMARKS = {
     "dask": dask_tiling.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
-ON_REQUEST = {"seeds": seeds.run}
+ON_REQUEST = {"seeds": seeds.run, "normalization": normalization.run}  # ~1.5 h: 18 full trainings
 RESULTS = Path(__file__).resolve().parent / "results.json"
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
