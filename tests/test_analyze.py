@@ -154,3 +154,20 @@ def test_analyze_without_tiles_is_one_line_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "index.json" in err and "tilepipe tile" in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_train_logs_the_statistics_to_its_mlflow_run(analyzed, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from tests.conftest import TRAIN, tiny_overrides
+
+    folder, _, stats = analyzed
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sets = [x for o in [*tiny_overrides(folder), *TRAIN, "train.epochs=1"] for x in ("--set", o)]
+    paths = ["--tiles", str(folder / "tiles"), "--split", str(folder / "split.json"),
+             "--stats", str(folder / "stats.json"), "--out", str(tmp_path / "models")]  # fmt: skip
+    assert cli.main(["train", "--params", str(ROOT / "params.yaml"), *sets, *paths]) == 0
+    run_id = json.loads((tmp_path / "models" / "run.json").read_text())["run_id"]
+    logged = MlflowClient().download_artifacts(run_id, "training/stats.json", str(tmp_path))
+    assert json.loads(open(logged).read()) == stats
