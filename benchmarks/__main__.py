@@ -23,6 +23,7 @@ from benchmarks import (
     memory,
     normalization,
     orchestration,
+    pretrain,
     remote,
     seeds,
     startup,
@@ -44,8 +45,10 @@ BENCHMARKS = {
     "remote": remote.run,
     "dask": dask_tiling.run,
 }
-# run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
-ON_REQUEST = {"seeds": seeds.run, "normalization": normalization.run}  # ~1.5 h: 18 full trainings
+# run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here;
+# `pretrain`: a pretraining and two small studies (docs/pretrained.md); `normalization`: 18 full
+# trainings, ~1.5 h (docs/tracking.md)
+ON_REQUEST = {"seeds": seeds.run, "pretrain": pretrain.run, "normalization": normalization.run}
 RESULTS = Path(__file__).resolve().parent / "results.json"
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 

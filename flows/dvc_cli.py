@@ -1,7 +1,8 @@
-"""The dvc command line beside the flow: is a stage current; record the stages a flow ran in dvc.lock."""
+"""The dvc command line beside the flow: what changed per stage; record the stages a flow ran in dvc.lock."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,19 @@ def synthesis_is_current(params: Params) -> bool:
     if base is None or (base.synthesize, base.data.classes) != (params.synthesize, params.data.classes):
         return False
     return run("status", "--quiet", "synthesize").returncode == 0
+
+
+def status(*stages: str) -> dict[str, list]:
+    """``dvc status --json [stages]``: per stage, what changed against dvc.lock (absent: unchanged).
+
+    A change is a deps, params or outs entry (``{"changed deps": {path: "modified"}}``) or a word
+    (``"changed command"``, ``"always changed"``), as ``dvc repro`` sees it before running a stage.
+    """
+    result = run("status", "--json", *stages)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise TilepipeError(f"dvc status {' '.join(stages)} failed: {reason}")
+    return json.loads(result.stdout or "{}")
 
 
 def why_not_commit(params: Params) -> str | None:

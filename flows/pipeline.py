@@ -11,17 +11,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.settings import PREFECT_API_URL
 from prefect.tasks import exponential_backoff
-from rasterio.errors import RasterioError
 
-from tilepipe.errors import TilepipeError
 from tilepipe.flows import dvc_cli
 from tilepipe.flows.dask_runner import api_for_workers, check_scheduler, for_workers, task_runner
 from tilepipe.flows.fanout import run_each
 from tilepipe.flows.repo_lock import pipeline_lock
 from tilepipe.flows.report import publish_metrics
 from tilepipe.flows.settings import check_api, prefect_settings
+from tilepipe.flows.stage_gate import StageGate
 from tilepipe.fsutil import remove_leftovers
-from tilepipe.geo.read_errors import is_transient_read_error
+from tilepipe.geo.read_errors import RETRIED, failure_kind
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
 from tilepipe.stages.analyze import analyze
@@ -39,21 +38,20 @@ step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incr
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry condition: faults on the way (OSError, a remote read GDAL could not finish), never bad data.
+    """Retry condition: only what a retry can fix (``tilepipe.geo.read_errors.failure_kind``).
 
-    A file whose pixels do not decode fails the same way every time: tiling reports it as a
-    TilepipeError naming the file and the pixels, and so does any other bad input.
+    Retried: a store that does not answer, a connection refused or reset, a timeout, HTTP 429 or
+    5xx, an I/O error. Not retried: bad input (params, catalog, damaged pixels), permission
+    denied, a read-only folder, a missing file, a full disk, and bugs: they fail the same way again.
     """
     try:
         state.result()
-    except TilepipeError:
-        return False
-    except OSError:
-        return True
-    except RasterioError as exc:
-        return is_transient_read_error(exc)
-    except Exception:  # noqa: BLE001 - anything else is a bug, and a retry would only repeat it
-        return False
+    except Exception as exc:  # noqa: BLE001 - classified, not handled
+        kind = failure_kind(exc)
+        retry = kind in RETRIED
+        get_run_logger().info("%s: %s (%s), %s", task_run.name, kind, type(exc).__name__,
+                              "retried" if retry else "not retried: a retry cannot help")  # fmt: skip
+        return retry
     return False
 
 
@@ -148,10 +146,11 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     )  # fmt: skip
 
 
-def needs_synthesis(params: Params) -> bool:
+def needs_synthesis(params: Params, gate: StageGate) -> bool:
     """True for the built-in catalog (data/synthetic, as in dvc.yaml) unless DVC says it is current."""
-    builtin = params.data.catalog.resolve().parent == SYNTHETIC.resolve()
-    return builtin and not dvc_cli.synthesis_is_current(params)
+    if params.data.catalog.resolve().parent != SYNTHETIC.resolve():
+        return False
+    return gate.must_run("synthesize") if gate.on else not dvc_cli.synthesis_is_current(params)
 
 
 def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
@@ -173,34 +172,81 @@ def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
 
 @flow(name="tilepipe", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run synthesize (built-in data), ingest, tile, split, analyze, train, predict, evaluate, register."""
+    """Run synthesize (built-in data), ingest, tile, split, analyze, train, predict, evaluate, register.
+
+    In a DVC project with params.yaml's params, a stage whose deps, params and outs DVC reports
+    unchanged is skipped (``flows/stage_gate.py``); a model is registered only when evaluated anew.
+    """
     with pipeline_lock():  # one run per repository: DVC's repo lock, which `dvc repro` takes too
         return _pipeline(params_path, overrides)
 
 
 def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
-    """The flow's body, run while the repository's lock is held."""
+    """The flow's body, run while the repository's lock is held: each stage DVC says changed."""
     params = load_params(params_path, overrides)  # bad values fail the run at once, naming the key
-    log, ran = get_run_logger(), ["ingest", "tile", "split", "analyze", "train", "predict", "evaluate"]
-    if needs_synthesis(params):
+    gate = StageGate.start(params)
+    tiled = _prepare(params, gate)
+    summary = _model(params, gate)
+    if not gate.on:
+        (get_run_logger().warning if dvc_cli.is_repo() else get_run_logger().info)(
+            "dvc.lock not updated: %s", gate.off
+        )
+    return {**summary, "tiled": tiled, "ran": gate.ran, "skipped": gate.skipped}
+
+
+def _prepare(params: Params, gate: StageGate) -> list[str]:
+    """Run synthesize (built-in data), ingest, tile and split as DVC decides; the scene ids tiled."""
+    if needs_synthesis(params, gate):
         synthesize_task(params)
-        ran.insert(0, "synthesize")
-    scenes = ingest_task(params, params.data.catalog)
-    todo = plan_task(params, scenes)
-    log.info("tile: %d scene(s) to tile: %s", len(todo), " ".join(s.scene_id for s in todo) or "none")
-    tiles = summary_task(scenes, tile_all(params, todo))
-    split_json = split_task(params, scenes, tiles)
-    stats_json = analyze_task(params, scenes, tiles, split_json)
-    model_dir = train_task(params, tiles, split_json, stats_json)
-    maps = predict_task(params, model_dir, scenes, split_json)
-    metrics_dir = evaluate_task(params, model_dir, tiles, split_json, maps)
-    registered = register_task(params, model_dir, metrics_dir, split_json)
-    summary = publish_metrics(model_dir, metrics_dir, registered)
-    if reason := dvc_cli.why_not_commit(params):
-        (log.warning if dvc_cli.is_repo() else log.info)("dvc.lock not updated: %s", reason)
+        _done(gate, "synthesize")
+    if gate.must_run("ingest"):
+        ingest_task(params, params.data.catalog)
+        _done(gate, "ingest")
+    todo: list[SceneRecord] = []
+    if gate.must_run("tile"):
+        todo = plan_task(params, SCENES)
+        get_run_logger().info(
+            "tile: %d scene(s) to tile: %s", len(todo), " ".join(s.scene_id for s in todo) or "none"
+        )
+        summary_task(SCENES, tile_all(params, todo))
+        _done(gate, "tile")
+    if gate.must_run("split"):
+        split_task(params, SCENES, TILES)
+        _done(gate, "split")
+    return [s.scene_id for s in todo]
+
+
+def _model(params: Params, gate: StageGate) -> dict[str, Any]:
+    """Run analyze, train, predict and evaluate as DVC decides; a model is registered once, once evaluated."""
+    if gate.must_run("analyze"):
+        analyze_task(params, SCENES, TILES, SPLIT)
+        _done(gate, "analyze")
+    if gate.must_run("train"):
+        train_task(params, TILES, SPLIT, STATS)
+        _done(gate, "train")
+    if gate.must_run("predict"):
+        predict_task(params, MODELS, SCENES, SPLIT)
+        _done(gate, "predict")
+    if not gate.must_run("evaluate"):
+        get_run_logger().info("register: no new evaluation, nothing registered")
+        return {"model_version": None}
+    evaluate_task(params, MODELS, TILES, SPLIT, PREDICTIONS)
+    summary: dict[str, Any] = {"model_version": None}
+    run_file = MODELS / "run.json"  # not a DVC out: a model pulled with dvc has none
+    if run_file.is_file():
+        registered = register_task(params, MODELS, METRICS, SPLIT)  # registered before: no new version
+        summary = publish_metrics(MODELS, METRICS, registered)
     else:
-        dvc_commit_task(ran)
-    return {**summary, "tiled": [s.scene_id for s in todo]}
+        get_run_logger().warning("register: %s not found (no MLflow run): nothing registered", run_file)
+    _done(gate, "evaluate")  # recorded after registering: a run killed in between registers on resume
+    return summary
+
+
+def _done(gate: StageGate, stage: str) -> None:
+    """``stage`` ran: record it in dvc.lock now when DVC decides, as ``dvc repro`` does."""
+    gate.done(stage)
+    if gate.on:
+        dvc_commit_task([stage])
 
 
 def run_pipeline(params_path: Path | str = "params.yaml", overrides: list[str] | None = None) -> dict:

@@ -22,7 +22,8 @@ def _warn(message: str) -> None:
 
 def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
     """Validate the catalog's scenes and write the normalised catalog (JSON) to ``out``."""
-    rows = read_catalog(catalog, params.data.stac.image_asset, params.data.stac.labels_asset)
+    stac = params.data.stac
+    rows = read_catalog(catalog, stac.image_asset, stac.labels_asset, stac.use_geometry)
     scenes, skipped = [], []
     with gdal_env(params.tile.gdal_cache_mb):
         for row in rows:
@@ -41,6 +42,7 @@ def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
             print(
                 f"ingest {s.scene_id}: {s.width}x{s.height} {s.dtype} {s.crs} "
                 f"{s.gsd_m:g} m, nodata {s.nodata_fraction:.0%}, labels {s.labels_kind}"
+                + (f", AOI {s.aoi_area_km2:g} km2 ({s.aoi_fraction:.0%} of the scene)" if s.aoi else "")
             )
     if not scenes:
         raise TilepipeError(f"{catalog}: no valid scene left after ingest")

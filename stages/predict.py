@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tilepipe.fsutil import atomic_dir, file_sha256, write_json
+from tilepipe.geo.aoi import aoi_file
 from tilepipe.mapping.predict import predict_scene
 from tilepipe.mapping.scoring import held_out_scenes
 from tilepipe.mapping.stac_item import build_item, item_path, write_catalog, write_item
@@ -50,7 +51,9 @@ def predict_held_out(
         for record in records:
             output = tmp / f"{record.scene_id}.tif"
             item_path(output)  # a scene id that would overwrite catalog.json fails before any work
-            summary = predict_scene(params, model, meta, record.image, output, bands=record.band_mapping)
+            aoi = None if record.aoi_geometry is None else (record.aoi_geometry, record.crs)
+            chosen = (False, record.band_mapping, aoi)  # no probability bands, the scene's bands and AOI
+            summary = predict_scene(params, model, meta, record.image, output, *chosen)
             summaries.append({"scene_id": record.scene_id, **summary, "output": output.name})
             when = getattr(record, "datetime", None)  # scenes ingested from a STAC item know it
             item = build_item(output, record.image, meta, described, record.scene_id, when, created, out_dir)
@@ -72,15 +75,21 @@ def predict_one(
     probabilities: bool = False,
     bands: str | None = None,
     prefetch: Prefetch | None = None,
+    aoi: Path | None = None,
+    confidence: bool = False,
 ) -> dict[str, Any]:
-    """Map one scene to ``output`` (COG), optionally with a probability band per class.
+    """Map one scene to ``output`` (COG), optionally with a probability band per class and a confidence band.
 
-    Its STAC item goes beside it (``<output stem>.json``).
+    Its STAC item goes beside it (``<output stem>.json``). ``aoi``: a GeoJSON or vector file; the map
+    is nodata outside it.
 
     ``prefetch``: an MLflow model's weights being fetched since before torch was imported.
     """
     model, meta = resolve_model(model_spec, prefetch)
     item = item_path(Path(output))
-    summary = predict_scene(params, model, meta, scene, output, probabilities, bands)
+    area = None if aoi is None else aoi_file(aoi)
+    summary = predict_scene(
+        params, model, meta, scene, output, probabilities, bands, aoi=area, confidence=confidence
+    )
     write_item(build_item(Path(output), scene, meta, describe_model(model_spec, prefetch)), item)
     return {**summary, "item": str(item)}

@@ -3,6 +3,8 @@ model's statistics (scene: each scene's own); photometric augmentation is seeded
 
 import hashlib
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from tilepipe.ml.dataset import (
     select_tiles,
     split_members,
 )
+from tilepipe.ml.epochs import calibrate_saved_model
 from tilepipe.ml.evaluation import held_out_batches, score_test_tiles
 from tilepipe.ml.normalize import Normalization, normalize
 from tilepipe.ml.training import load_training_data, train
@@ -99,7 +102,9 @@ def test_range_gives_the_weights_maps_and_scores_of_before(tmp_path, task, one_t
     model, meta = _train(params, tmp_path)
     weights, map_digest, loss = BEFORE[meta.task]
     assert _digest(model) == weights, "bands.normalize: range must train exactly as before"
-    predict_scene(params, model, meta, tmp_path / "s3.tif", tmp_path / "map.tif", probabilities=True)
+    # the temperature (calibration, added since) rescales the probability bands: the map of before is T = 1's
+    uncalibrated = replace(meta, temperature=1.0)
+    predict_scene(params, model, uncalibrated, tmp_path / "s3.tif", tmp_path / "map.tif", probabilities=True)
     with rasterio.open(tmp_path / "map.tif") as src:
         assert hashlib.sha256(src.read().tobytes()).hexdigest() == map_digest
     scores = score_test_tiles(params, model, meta, tmp_path / "tiles", tmp_path / "split.json")
@@ -173,6 +178,13 @@ def test_scene_normalisation_uses_each_scenes_own_statistics(tmp_path):
     batches = held_out_batches(stores, select_tiles(stores, members, "classification", 0.0), members, meta)
     np.testing.assert_allclose(batches.scenes[0], [mean, std], atol=1e-6)  # s3, from its own tiles
     predict_scene(params, model, meta, tmp_path / "s3.tif", tmp_path / "map.tif")
+    # the temperature was fitted on the val tiles as the model takes them: each val scene's own figures
+    ref, copy = data.refs["calibration"], tmp_path / "copy.pt"
+    shutil.copy(tmp_path / "models" / "model.pt", copy)
+    fitted = calibrate_saved_model(params, data.stores, ref, copy, data.inputs.scenes["val"])["temperature"]
+    assert fitted == round(meta.temperature, 6) and fitted != 1.0
+    with pytest.raises(ValueError, match="needs the scene's statistics"):
+        calibrate_saved_model(params, data.stores, ref, copy)
 
 
 def test_percentile_stretches_the_training_range_onto_0_1(tmp_path):

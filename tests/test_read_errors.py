@@ -22,6 +22,8 @@ def chained(top: str, cause: str) -> RasterioError:
     "message",
     [
         "HTTP response code: 503",
+        "HTTP response code: 429",
+        "Please reduce your request rate.",  # S3's SlowDown, as GDAL reports it when opening
         "CPLE_HttpResponse: HTTP error code: 502",
         "curl error: Connection reset by peer",
         "Operation timed out after 30000 milliseconds",

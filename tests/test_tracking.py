@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
@@ -80,7 +81,13 @@ def test_run_has_one_point_per_epoch_and_champion_only_moves_up(prepared, monkey
     assert sorted(logged) == sorted(
         [f"evaluation/scenes/{s}.png" for s in test_scenes] + ["evaluation/scenes/scene_metrics.json"]
     )
-    assert client.get_run(run["run_id"]).data.metrics["test_map_macro_f1"] >= 0.0
+    logged_metrics = client.get_run(run["run_id"]).data.metrics
+    assert logged_metrics["test_map_macro_f1"] >= 0.0
+    # calibration: the temperature in the logged meta, ECE before and after among the test metrics
+    logged_meta = json.loads(Path(client.download_artifacts(run["run_id"], "model_meta.json")).read_text())
+    assert logged_meta["temperature"] != 1.0
+    assert logged_metrics["test_temperature"] == round(logged_meta["temperature"], 4)
+    assert {"test_ece", "test_ece_uncalibrated"} <= set(logged_metrics)
     champion = client.get_model_version_by_alias("tilepipe-landcover", "champion")
     assert champion.run_id == run["run_id"] or champion.tags["run_id"] == run["run_id"]
     good_score = float(champion.tags["test_macro_f1"])
@@ -96,6 +103,8 @@ def test_run_has_one_point_per_epoch_and_champion_only_moves_up(prepared, monkey
     bad_run = json.loads((tmp_path / "bad" / "run.json").read_text())
     versions = client.search_model_versions("name='tilepipe-landcover'")
     assert len(versions) == 2
+    assert _evaluate(tmp_path, "good") == 0  # the same model evaluated again: no second version
+    assert len(client.search_model_versions("name='tilepipe-landcover'")) == 2
     bad_version = next(v for v in versions if v.tags.get("run_id") == bad_run["run_id"])
     assert float(bad_version.tags["test_macro_f1"]) < good_score
     assert client.get_model_version_by_alias("tilepipe-landcover", "champion").version == champion.version

@@ -87,8 +87,12 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.tracking.fetch import Prefetch, is_mlflow_spec
 
     model_spec = args.model or f"models:/{params.track.model_name}@champion"
-    if args.test_scenes is not None and (args.scene is not None or args.probabilities or args.bands):
-        raise TilepipeError("predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities or --bands")
+    one_scene = args.scene is not None or args.probabilities or args.confidence or args.bands or args.aoi
+    if args.test_scenes is not None and one_scene:
+        raise TilepipeError(
+            "predict: --test-scenes DIR takes no SCENE / OUTPUT, --probabilities, --confidence, --bands "
+            "or --aoi"
+        )
     if args.test_scenes is None and (args.scene is None or args.output is None):
         raise TilepipeError("predict: give SCENE.tif OUT.tif, or --test-scenes DIR for the test scenes")
     # Ask MLflow in a helper process now, while this one imports torch: the two seconds overlap.
@@ -99,7 +103,9 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
         if args.test_scenes is not None:
             predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes, prefetch)
         else:
-            predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands, prefetch)
+            chosen = {"probabilities": args.probabilities, "bands": args.bands, "prefetch": prefetch}
+            chosen |= {"aoi": args.aoi, "confidence": args.confidence}
+            predict_one(params, model_spec, args.scene, args.output, **chosen)
     finally:
         if prefetch is not None:
             prefetch.close()
@@ -214,10 +220,9 @@ def _report(params: Params, args: argparse.Namespace) -> None:
         raise TilepipeError(f"{args.split}: not found; run `dvc repro` first")
     print_summary(json.loads(args.split.read_text()), params.data.class_names)
     if args.metrics.is_file():
-        metrics = json.loads(args.metrics.read_text())
-        print(
-            "test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        )
+        from tilepipe.results import read_json, results_markdown
+
+        print(results_markdown(read_json(args.metrics)), end="")
 
 
 def _results_table(args: argparse.Namespace) -> None:
@@ -226,7 +231,8 @@ def _results_table(args: argparse.Namespace) -> None:
     from tilepipe.results import read_json, results_markdown, with_results
 
     seeds = read_json(args.seeds) if args.seeds.is_file() else None
-    table = results_markdown(read_json(args.metrics), seeds)
+    cv = read_json(args.cv) if args.cv.is_file() else None
+    table = results_markdown(read_json(args.metrics), seeds, cv)
     if args.readme is None:
         print(table, end="")
         return

@@ -75,13 +75,22 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         ),
         s.add_argument("--probabilities", action="store_true", help="add per-class probability bands"),
         s.add_argument(
+            "--aoi", type=Path, default=None, help="area of interest (GeoJSON or vector file): nodata outside"
+        ),
+        s.add_argument(
+            "--confidence",
+            action="store_true",
+            help="add a band of the top class's calibrated probability (x 255) to mask uncertain pixels",
+        ),
+        s.add_argument(
             "--bands",
             default=None,
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
         ),
     ),
     "report": lambda s: (
-        _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json"),
+        _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json",
+                   cv=w.METRICS / "cv.json"),
         s.add_argument("--markdown", action="store_true", help="print the headline results table (Markdown)"),
         s.add_argument("--readme", type=Path, default=None, help="write that table into this README's block"),
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ class StacParams(Section):
 
     image_asset: str | None = None
     labels_asset: str | None = None
+    use_geometry: bool = False  # the item's geometry is the scene's area of interest
 
 
 class DataParams(Section):
@@ -185,6 +187,9 @@ class TrainParams(Section):
     threads: int = Field(default=0, ge=0, le=256)
     resume: bool = False
     nproc_per_node: int = Field(default=1, ge=1, le=256)  # processes (torchrun); the batch is split across
+    # pretrained weights from a local file, PATH or PATH#sha256=HEX (tilepipe/ml/pretrained.py)
+    init: str | None = None
+    freeze_epochs: int = Field(default=0, ge=0, le=10_000)  # first epochs train the head only
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -196,6 +201,19 @@ class TrainParams(Section):
     def _task_fits_model(self) -> TrainParams:
         if (self.task == "segmentation") != (self.model == "unet"):
             raise ValueError("task segmentation needs model unet, and unet is for segmentation")
+        return self
+
+    @field_validator("init")
+    @classmethod
+    def _init_spec(cls, init: str | None) -> str | None:
+        if init is not None and not re.fullmatch(r"[^#]+(#sha256=[0-9a-fA-F]{64})?", init.strip()):
+            raise ValueError("expected PATH or PATH#sha256=<64 hex digits>")
+        return init.strip() or None if init is not None else None
+
+    @model_validator(mode="after")
+    def _freeze_needs_init(self) -> TrainParams:
+        if self.freeze_epochs and not self.init:
+            raise ValueError("freeze_epochs needs train.init (it holds pretrained weights still)")
         return self
 
     @model_validator(mode="after")

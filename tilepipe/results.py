@@ -1,4 +1,4 @@
-"""The headline results table, made from the run's files (never typed): metrics.json and seeds.json.
+"""The headline results table, made from the run's files (never typed): metrics.json, seeds.json, cv.json.
 
 ``tilepipe report --markdown`` prints it; ``tilepipe report --readme README.md`` writes it between
 the README's ``results`` markers, and a test fails when the README and the files disagree.
@@ -42,26 +42,54 @@ def seed_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def results_markdown(metrics: dict[str, Any], seeds: dict[str, Any] | None = None) -> str:
-    """Test scores of tiles and full-scene maps beside the majority baseline (and across seeds)."""
+def _figure(metrics: dict[str, Any], key: str) -> str:
+    """``0.8619 [0.781, 0.921]``: the figure and its 95 % scene-bootstrap interval, where it has one."""
+    interval = metrics.get(f"{key}_ci")
+    figure = f"{metrics[key]:.4f}"
+    return figure if not interval else f"{figure} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def results_markdown(
+    metrics: dict[str, Any], seeds: dict[str, Any] | None = None, cv: dict[str, Any] | None = None
+) -> str:
+    """Test scores of tiles and full-scene maps (with intervals) beside the baseline, seeds and folds."""
 
     def scores(prefix: str) -> list[str]:
-        return [f"{metrics[prefix + k]:.4f}" for _, k in COLUMNS]
+        return [_figure(metrics, prefix + k) for _, k in COLUMNS]
 
+    tiles, scenes = metrics["test_tiles"], metrics["test_scenes"]
     lines = [
-        _row("held-out test scenes", [name for name, _ in COLUMNS]),
+        _row("held-out test scenes (95 % scene-bootstrap interval)", [name for name, _ in COLUMNS]),
         "|---|---:|---:|---:|",
-        _row(f"tiles ({metrics['test_tiles']} in {metrics['test_scenes']} scenes)", scores("")),
+        _row(f"tiles: all {tiles} labelled tiles of {scenes} scenes", scores("")),
     ]
     if "map_accuracy" in metrics:
-        lines.append(_row(f"full-scene maps (per {metrics.get('map_unit', 'cell')})", scores("map_")))
-    lines.append(_row("majority-class baseline (tiles)", scores("baseline_")))
+        unit = metrics.get("map_unit", "cell")
+        lines.append(_row(f"full-scene maps of {metrics['map_scenes']} scenes (per {unit})", scores("map_")))
+    baseline = [f"{metrics['baseline_' + k]:.4f}" for _, k in COLUMNS]
+    lines.append(_row("majority-class baseline (tiles)", baseline))
+    if cv:
+        lines.append(_row(cv_label(cv), [_fold_figure(cv, k) for _, k in COLUMNS]))
     if seeds:
         summary, names = seeds["summary"], ", ".join(str(s) for s in seeds["seeds"])
         lines.append(_row(f"tiles, seeds {names}: mean (min-max)", [_spread(summary[k]) for _, k in COLUMNS]))
         if "map_accuracy" in summary:
             lines.append(_row("maps, the same seeds", [_spread(summary[f"map_{k}"]) for _, k in COLUMNS]))
     return "\n".join(lines) + "\n"
+
+
+def cv_label(cv: dict[str, Any]) -> str:
+    """The cross-validation row's label: folds and scenes (``tilepipe cv`` wrote ``metrics/cv.json``)."""
+    return f"tiles, {cv['folds']}-fold scene cross-validation ({cv['scenes']} scenes): mean [95 % interval]"
+
+
+def _fold_figure(cv: dict[str, Any], key: str) -> str:
+    stats = cv["summary"].get(key)
+    if not stats:
+        return "-"
+    interval = stats.get("ci")
+    figure = f"{stats['mean']:.4f}"
+    return figure if not interval else f"{figure} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def _spread(stats: dict[str, float]) -> str:
@@ -86,6 +114,6 @@ def check_readme(text: str, table: str, source: Path | str = "README.md") -> Non
     """Fail, naming the README, when its results block is not ``table``."""
     if readme_block(text, source) != table:
         raise TilepipeError(
-            f"{source}: the results block differs from metrics/metrics.json; "
+            f"{source}: the results block differs from metrics/metrics.json (and seeds.json, cv.json); "
             "run `tilepipe report --readme README.md`"
         )

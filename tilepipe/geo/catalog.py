@@ -14,7 +14,7 @@ from tilepipe.geo.stac import read_stac
 __all__ = ["CatalogRow", "naming_origin", "read_catalog", "SPLITS"]
 
 REQUIRED = ("scene_id", "image", "labels")
-OPTIONAL = ("split", "bands")
+OPTIONAL = ("split", "bands", "aoi")
 
 
 def is_stac(path: Path) -> bool:
@@ -24,14 +24,20 @@ def is_stac(path: Path) -> bool:
 
 
 def read_catalog(
-    path: Path | str, image_asset: str | None = None, labels_asset: str | None = None
+    path: Path | str,
+    image_asset: str | None = None,
+    labels_asset: str | None = None,
+    use_geometry: bool = False,
 ) -> list[CatalogRow]:
-    """Read and check a CSV or STAC catalog; any problem is one error naming the file."""
+    """Read and check a CSV or STAC catalog; any problem is one error naming the file.
+
+    ``use_geometry``: a STAC item's geometry is its scene's area of interest.
+    """
     path = Path(path)
     if problem := input_problem(path, missing="catalog not found"):
         raise bad_file(path, problem)
     if is_stac(path):
-        return read_stac(path, image_asset, labels_asset)
+        return read_stac(path, image_asset, labels_asset, use_geometry)
     try:
         return _check_rows(path, _read_rows(path))
     except UnicodeDecodeError as exc:
@@ -92,6 +98,7 @@ def _check_rows(path: Path, rows: list[dict[str, str]]) -> list[CatalogRow]:
                 labels=beside(base, row["labels"]),
                 split=split,
                 bands=row.get("bands") or None,
+                aoi=beside(base, row["aoi"]) if row.get("aoi") else None,
             )
         )
     return out

@@ -24,7 +24,14 @@ from rasterio.windows import Window
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
-from tilepipe.geo.remote import gdal_cloud_options, is_remote, remote_stat, shown
+from tilepipe.geo.remote import (
+    StoreUnavailable,
+    gdal_cloud_options,
+    is_remote,
+    network_fault,
+    remote_stat,
+    shown,
+)
 
 T = TypeVar("T")
 
@@ -66,6 +73,8 @@ def _open_remote(uri: str) -> rasterio.io.DatasetReader:
     except RasterioError as exc:
         remote_stat(uri)  # a missing object, a denied bucket or a silent endpoint: said as such
         reason = str(exc).split("\n")[0].replace(uri, shown(uri))
+        if network_fault(exc):  # throttled or failed on the way, though the store answers now
+            raise StoreUnavailable(f"{shown(uri)}: the store failed to serve it ({reason})") from None
         raise bad_file(shown(uri), f"not a readable raster ({reason})") from None
 
 

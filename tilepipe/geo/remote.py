@@ -22,6 +22,40 @@ from tilepipe.errors import TilepipeError
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 TIMEOUT_S = 20.0
 RETRIES = 3
+# What GDAL, curl, S3 and web servers say when a request failed on the way (a retry can help), by
+# kind, first match wins; lower case. Damaged bytes say none of this: a retry reads them again.
+NETWORK_FAULTS = (
+    ("throttled", ("http response code: 429", "http error code: 429", "reduce your request rate",
+                   "slowdown", "too many requests", "toomanyrequests", "throttl", "requestlimitexceeded")),
+    ("server-error", ("http response code: 5", "http error code: 5", "service unavailable",
+                      "serviceunavailable", "internal error", "bad gateway")),
+    ("timeout", ("timed out", "timeout")),
+    ("connection", ("curl error", "connection reset", "connection refused", "could not connect",
+                    "failed to connect", "could not resolve host", "temporary failure")),
+)  # fmt: skip
+BUSY_S3_CODES = {"429", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                 "TooManyRequests", "500", "502", "503", "504", "InternalError",
+                 "ServiceUnavailable"}  # fmt: skip
+
+
+class StoreUnavailable(TilepipeError, OSError):  # noqa: N818 - it reads as what happened
+    """The store or server cannot serve the request now (refused, timed out, throttled, 5xx).
+
+    One line for the CLI (a :class:`TilepipeError`), and a fault a retry can help: the flow
+    retries a scene that fails with it (``tilepipe.geo.read_errors.failure_kind``).
+    """
+
+
+def network_fault(exc: BaseException) -> str | None:
+    """The kind of fault on the way that ``exc`` or its causes report (``NETWORK_FAULTS``), or None."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:  # rasterio chains GDAL's own messages as causes
+        chain.append(str(seen).lower())
+        seen = seen.__cause__ or seen.__context__
+    for kind, needles in NETWORK_FAULTS:
+        if any(needle in text for text in chain for needle in needles):
+            return kind
+    return None
 
 
 def is_remote(location: str | Path) -> bool:
@@ -64,9 +98,11 @@ def gdal_cloud_options() -> dict[str, str]:
     options = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no LIST of the bucket folder on every open
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2,.geojson,.json,.ovr,.msk",
-        "GDAL_HTTP_MAX_RETRY": "5",  # a reset or 5xx mid-read is retried ...
-        "GDAL_HTTP_RETRY_DELAY": "1",  # ... with a growing delay from 1 s
-        "GDAL_HTTP_TIMEOUT": "60",
+        # a reset, a 429 or a 5xx mid-read is retried with a growing delay from 1 s; the variables
+        # of the same names, when set, win (a test or an impatient user sets fewer retries)
+        "GDAL_HTTP_MAX_RETRY": os.environ.get("GDAL_HTTP_MAX_RETRY", "5"),
+        "GDAL_HTTP_RETRY_DELAY": os.environ.get("GDAL_HTTP_RETRY_DELAY", "1"),
+        "GDAL_HTTP_TIMEOUT": os.environ.get("GDAL_HTTP_TIMEOUT", "60"),
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",  # one request for adjacent tiles of a window
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -101,8 +137,19 @@ def _s3_client():
 
 
 def _s3_call(uri: str, call: str):
-    """Run an S3 request on the object of ``uri``; any failure is one line naming the URI."""
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    """Run an S3 request on the object of ``uri``; any failure is one line naming the URI.
+
+    A store that does not answer, times out, throttles or fails (5xx) after boto3's own retries
+    raises :class:`StoreUnavailable`; a missing object or a denied key, a plain TilepipeError.
+    """
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        EndpointConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     parts = urlsplit(uri)
     client = _s3_client()
@@ -110,6 +157,8 @@ def _s3_call(uri: str, call: str):
         return getattr(client, call)(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in BUSY_S3_CODES:
+            raise StoreUnavailable(f"{shown(uri)}: the store is busy (S3 error {code})") from None
         if code in ("404", "NoSuchKey") and not _bucket_exists(client, parts.netloc):
             code = "NoSuchBucket"  # a HEAD answer has no body to say which is missing
         problem = {
@@ -119,9 +168,12 @@ def _s3_call(uri: str, call: str):
         }.get(code, f"S3 error {code}")  # fmt: skip
         raise TilepipeError(f"{shown(uri)}: {problem}") from None
     except EndpointConnectionError:
-        raise TilepipeError(
+        raise StoreUnavailable(
             f"{shown(uri)}: the S3 endpoint {s3_endpoint_url() or 'AWS'} does not answer"
         ) from None
+    except (BotoConnectionError, HTTPClientError) as exc:  # timeouts, resets, closed connections
+        what = type(exc).__name__
+        raise StoreUnavailable(f"{shown(uri)}: the S3 endpoint failed on the way ({what})") from None
     except NoCredentialsError:
         raise TilepipeError(
             f"{shown(uri)}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
@@ -147,8 +199,12 @@ def _http(uri: str, headers: dict[str, str] | None = None):
     try:
         with httpx.Client(transport=httpx.HTTPTransport(retries=RETRIES), timeout=TIMEOUT_S) as client:
             response = client.get(uri, headers=headers, follow_redirects=True)
+    except httpx.TransportError as exc:  # refused, reset, timed out
+        raise StoreUnavailable(f"{shown(uri)}: the server does not answer ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
         raise TilepipeError(f"{shown(uri)}: the server does not answer ({type(exc).__name__})") from None
+    if response.status_code == 429 or response.status_code >= 500:
+        raise StoreUnavailable(f"{shown(uri)}: HTTP {response.status_code}: the server is busy; retry later")
     if response.status_code >= 400:
         what = {404: "not found", 403: "access denied", 401: "access denied"}.get(response.status_code, "")
         raise TilepipeError(f"{shown(uri)}: HTTP {response.status_code} {what}".rstrip())

@@ -32,6 +32,7 @@ class CatalogRow:
     datetime: str | None = None
     label_classes: tuple[str | int, ...] | None = None
     origin: str | None = None
+    aoi: Path | str | dict | None = None  # an AOI file, or a STAC item's geometry (GeoJSON, lon/lat)
 
 
 @contextmanager

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 
 from tilepipe.errors import TilepipeError, bad_file
 from tilepipe.fsutil import file_sha256, input_problem, relative_to_cwd
+from tilepipe.geo.aoi import WGS84, SceneAoi, geometry_sha256, read_aoi, scene_aoi
 from tilepipe.geo.bands import band_names, parse_band_mapping, resolve_bands
 from tilepipe.geo.catalog import CatalogRow, naming_origin
 from tilepipe.geo.labels import is_geojson, label_bounds_in
@@ -52,6 +54,12 @@ class SceneRecord:
     labels_sha256: str
     datetime: str | None = None  # acquisition time, when the catalog (STAC) gives it
     origin: str | None = None  # the STAC item that names the scene
+    # area of interest (geo/aoi.py): its file or item, SHA-256, GeoJSON in the scene's CRS, size
+    aoi: str | None = None
+    aoi_sha256: str | None = None
+    aoi_geometry: dict[str, Any] | None = None
+    aoi_area_km2: float | None = None
+    aoi_fraction: float | None = None
 
     @property
     def band_mapping(self) -> dict[str, int]:
@@ -157,6 +165,26 @@ def _recorded(location: Path | str) -> str:
     return location if is_remote(location) else relative_to_cwd(location)
 
 
+def _aoi(row: CatalogRow, src, gsd_m: float) -> dict[str, Any]:
+    """The ``aoi*`` fields of a scene's record: its catalog AOI on the scene; {} without one."""
+    if row.aoi is None:
+        return {}
+    if isinstance(row.aoi, dict):  # a STAC item's geometry: lon/lat (RFC 7946)
+        source, sha = f"{row.origin} geometry", geometry_sha256(row.aoi)
+        geom, crs = shapely.geometry.shape(row.aoi), WGS84
+    else:
+        source, (geom, crs) = _recorded(row.aoi), read_aoi(row.aoi)
+        sha = _fingerprint(row.aoi)
+    found: SceneAoi = scene_aoi(source, geom, crs, sha, src, row.image, gsd_m)
+    return {
+        "aoi": found.source,
+        "aoi_sha256": found.sha256,
+        "aoi_geometry": found.geometry,
+        "aoi_area_km2": found.area_km2,
+        "aoi_fraction": found.fraction,
+    }
+
+
 def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> SceneRecord:
     if is_remote(row.labels):
         remote_stat(row.labels)
@@ -185,6 +213,7 @@ def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> Sc
         img = src.bounds
         if left >= img.right or right <= img.left or bottom >= img.top or top <= img.bottom:
             raise bad_file(row.labels, f"labels do not overlap their image {Path(str(row.image)).name}")
+        gsd_m = ground_resolution(src)
         return SceneRecord(
             scene_id=row.scene_id,
             image=_recorded(row.image),
@@ -200,7 +229,7 @@ def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> Sc
             transform=list(src.transform)[:6],
             bounds=list(src.bounds),
             res=list(src.res),
-            gsd_m=round(ground_resolution(src), 4),
+            gsd_m=round(gsd_m, 4),
             dtype=dtype,
             nodata=None if src.nodata is None or np.isnan(src.nodata) else src.nodata,
             nodata_fraction=round(nodata_fraction, 4),
@@ -208,4 +237,5 @@ def _inspect(row: CatalogRow, params: Params, warn: Callable[[str], None]) -> Sc
             labels_sha256=_fingerprint(row.labels),
             datetime=row.datetime,
             origin=row.origin,
+            **_aoi(row, src, gsd_m),
         )

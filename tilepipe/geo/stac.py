@@ -124,9 +124,13 @@ def _label_classes(item: pystac.Item) -> tuple[str | int, ...] | None:
 
 
 def item_row(
-    raw: dict[str, Any], source: Path, image_asset: str | None, labels_asset: str | None
+    raw: dict[str, Any],
+    source: Path,
+    image_asset: str | None,
+    labels_asset: str | None,
+    use_geometry: bool = False,
 ) -> CatalogRow:
-    """One STAC item as a catalog scene: image, labels, band names, sensor, time, split, classes."""
+    """One STAC item as a catalog scene: image, labels, band names, sensor, time, split, classes (and AOI)."""
     try:
         item = pystac.Item.from_dict(raw, preserve_dict=True)
     except _PARSE_ERRORS as exc:
@@ -140,6 +144,8 @@ def item_row(
     if split is not None and split not in SPLITS:
         raise bad_file(source, f"item {item.id}: tilepipe:split {split!r} must be one of {', '.join(SPLITS)}")
     when = item.datetime or item.common_metadata.start_datetime
+    if use_geometry and not item.geometry:
+        raise bad_file(source, f"item {item.id} has no geometry (data.stac.use_geometry makes it the AOI)")
     return CatalogRow(
         scene_id=item.id,
         image=image,
@@ -151,17 +157,18 @@ def item_row(
         datetime=when.isoformat() if when else None,
         label_classes=_label_classes(item),
         origin=f"{source} (item {item.id})",
+        aoi=item.geometry if use_geometry else None,
     )
 
 
 def read_stac(
-    path: Path, image_asset: str | None = None, labels_asset: str | None = None
+    path: Path, image_asset: str | None = None, labels_asset: str | None = None, use_geometry: bool = False
 ) -> list[CatalogRow]:
     """Every item of a STAC catalog as a checked catalog row (ids unique: they name the scenes)."""
     rows: list[CatalogRow] = []
     where: dict[str, Path] = {}
     for raw, source in _walk(path, _load_json(path), {path.resolve()}):
-        row = item_row(raw, source, image_asset, labels_asset)
+        row = item_row(raw, source, image_asset, labels_asset, use_geometry)
         if row.scene_id in where:
             raise bad_file(source, f"item {row.scene_id}: duplicate id (also in {where[row.scene_id]})")
         where[row.scene_id] = source

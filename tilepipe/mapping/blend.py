@@ -43,11 +43,15 @@ Reader = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (float32
 
 @dataclass(frozen=True)
 class Strip:
-    """Finished output rows: ``classes`` (rows, width) uint8, ``probs`` (classes, rows, width) or None."""
+    """Finished output rows: ``classes`` (rows, width) uint8, ``probs`` (classes, rows, width) or None.
+
+    ``confidence`` (rows, width) float32: the top class's probability, 0 where ``classes`` is NODATA.
+    """
 
     row: int
     classes: np.ndarray
     probs: np.ndarray | None
+    confidence: np.ndarray | None = None
 
 
 def ceil_to(value: int, multiple: int) -> int:
@@ -94,14 +98,15 @@ def _softmax(model: nn.Module, batch: np.ndarray) -> np.ndarray:
 
 def _finish(
     acc: np.ndarray, wy: np.ndarray, wx: np.ndarray, valid: np.ndarray, with_probs: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Average accumulated probabilities (weights ``wy`` x ``wx``); argmax, NODATA where invalid.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Average accumulated probabilities (weights ``wy`` x ``wx``); argmax (NODATA if invalid) and its value.
 
     Works through the columns in chunks so no temporary is the size of the whole strip.
     """
     n, rows, cols = acc.shape
     classes = np.empty((rows, cols), dtype=np.uint8)
     probs = np.empty((n, rows, cols), dtype=np.float32) if with_probs else None
+    confidence = np.empty((rows, cols), dtype=np.float32)
     for c0 in range(0, cols, EMIT_COLUMNS):
         part = slice(c0, c0 + EMIT_COLUMNS)
         weight = wy[:, None] * wx[None, part]
@@ -110,10 +115,11 @@ def _finish(
         chosen = mean.argmax(axis=0).astype(np.uint8)
         chosen[~ok] = NODATA
         classes[:, part] = chosen
+        confidence[:, part] = np.where(ok, mean.max(axis=0), 0)
         if probs is not None:
             mean[:, ~ok] = 0
             probs[:, :, part] = mean
-    return classes, probs
+    return classes, probs, confidence
 
 
 def segment_plan(height: int, width: int, window: int, margin: int) -> tuple[int, int, list[int], list[int]]:
@@ -183,10 +189,8 @@ def _emit_rows(acc, wy, wx, valid, top: int, height: int, width: int, with_probs
     count = min(len(wy), height - top)
     if count <= 0:
         return
-    classes, probs = _finish(
-        acc[:, :count, :width], wy[:count], wx[:width], valid[:count, :width], with_probs
-    )
-    yield Strip(top, classes, probs)
+    finished = _finish(acc[:, :count, :width], wy[:count], wx[:width], valid[:count, :width], with_probs)
+    yield Strip(top, *finished)
 
 
 def _roll(shift: int, *buffers: np.ndarray) -> None:
@@ -251,10 +255,10 @@ def classify_strips(
             _add_windows(model, pending, acc, count, progress)
         for dy in (0, 1) if last else (0,):
             if i + dy < n_rows:
-                classes, cell_probs = _finish(
+                finished = _finish(
                     acc[:, dy : dy + 1, :n_cols], ONE, count[dy, :n_cols], cell_ok[dy][None], with_probs
                 )
-                yield Strip(i + dy, classes, cell_probs)
+                yield Strip(i + dy, *finished)
         _roll(1, acc, count)
 
 

@@ -16,15 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from rasterio.errors import RasterioError
+from rasterio.windows import Window
 from torch import nn
 from tqdm import tqdm
 
 from tilepipe.errors import TilepipeError, bad_file
+from tilepipe.geo.aoi import AoiMask
 from tilepipe.geo.raster_io import Grid, gdal_env
 from tilepipe.geo.remote import as_location
-from tilepipe.mapping.blend import Strip, cell_grid_shape, classify_strips, segment_plan, segment_strips
+from tilepipe.mapping.blend import (
+    NODATA,
+    Strip,
+    cell_grid_shape,
+    classify_strips,
+    segment_plan,
+    segment_strips,
+)
 from tilepipe.mapping.scene import SceneView, open_scene, output_grid
 from tilepipe.mapping.writer import MapWriter, write_cog
+from tilepipe.ml.calibration import calibrated
 from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.params import Params
 
@@ -52,9 +62,12 @@ def predict_strips(
     progress: Callable[[int], object],
     with_probs: bool = True,
 ) -> Iterator[Strip]:
-    """Finished rows of the scene's map, top to bottom, on :func:`output_grid`."""
+    """Finished rows of the scene's map, top to bottom, on :func:`output_grid`.
+
+    Probabilities are calibrated: the logits are divided by ``meta.temperature`` before the softmax.
+    """
     window_total(params, meta, scene.grid)  # checks the window params before any work
-    model.eval()
+    model = calibrated(model, meta).eval()
     grid, n_classes, pp = scene.grid, len(meta.classes), params.predict
     shape = (scene.read, grid.height, grid.width, n_classes)
     if meta.segmentation:
@@ -72,8 +85,14 @@ def predict_scene(
     output: Path | str,
     probabilities: bool = False,
     bands: str | dict[str, int] | None = None,
+    aoi: tuple[dict[str, Any], str] | None = None,
+    confidence: bool = False,
 ) -> dict[str, Any]:
-    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each."""
+    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each.
+
+    ``aoi``: (GeoJSON geometry, its CRS); the map is nodata outside it.
+    ``confidence``: one more band, the top class's (calibrated) probability x 255.
+    """
     scene, output = as_location(scene), Path(output)
     if isinstance(scene, Path) and output.resolve() == scene.resolve():
         raise bad_file(output, "output would overwrite the input scene")
@@ -87,15 +106,20 @@ def predict_scene(
         with gdal_env(params.tile.gdal_cache_mb), open_scene(scene, meta, bands, tolerance) as opened:
             out_grid = output_grid(meta, opened.grid)
             total = window_total(params, meta, opened.grid)
+            mask = None if aoi is None else AoiMask(*aoi, out_grid)
+            if mask is not None and mask.empty:
+                raise bad_file(scene, "the area of interest does not overlap the scene")
             bar = tqdm(
                 total=total,
                 desc=f"predict {Path(str(scene)).name}",
                 unit="window",
                 disable=not sys.stderr.isatty(),
             )
-            writer = MapWriter(strips_file, out_grid, meta, probabilities)
+            writer = MapWriter(strips_file, out_grid, meta, probabilities, confidence)
             try:
                 for strip in predict_strips(params, model, meta, opened, bar.update, probabilities):
+                    if mask is not None:
+                        _blank_outside(strip, mask)
                     writer.add(strip)
             finally:
                 writer.close()
@@ -106,15 +130,31 @@ def predict_scene(
     finally:
         strips_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    summary = _summary(meta, scene, output, opened.grid, out_grid, total, seconds, writer.counts)
+    summary = _summary(meta, scene, output, opened.grid, out_grid, total, seconds, writer)
     print(summary["line"], flush=True)
     return summary
 
 
+def _blank_outside(strip: Strip, mask: AoiMask) -> None:
+    """Nodata (probabilities 0) in a strip's pixels or cells whose centre lies outside the AOI."""
+    rows, width = strip.classes.shape
+    outside = ~mask.inside(Window(0, strip.row, width, rows))
+    strip.classes[outside] = NODATA
+    if strip.probs is not None:
+        strip.probs[:, outside] = 0
+
+
 def _summary(
-    meta, scene: Path, output: Path, grid: Grid, out_grid: Grid, windows: int, seconds: float, counts
-):
-    classes = list(meta.classes)
+    meta: ModelMeta,
+    scene: Path,
+    output: Path,
+    grid: Grid,
+    out_grid: Grid,
+    windows: int,
+    seconds: float,
+    writer: MapWriter,
+) -> dict[str, Any]:
+    classes, counts = list(meta.classes), writer.counts
     mapped = int(counts[: len(classes)].sum())
     shares = sorted(((counts[i] / max(mapped, 1), name) for i, name in enumerate(classes)), reverse=True)
     nodata = 1 - mapped / max(out_grid.width * out_grid.height, 1)
@@ -123,7 +163,7 @@ def _summary(
         f"({out_grid.width}x{out_grid.height} {meta.task} map), {windows} windows "
         f"in {seconds:.1f} s ({grid.width * grid.height / max(seconds, 1e-9) / 1e6:.2f} Mpx/s); "
         + ", ".join(f"{name} {share:.0%}" for share, name in shares[:3])
-        + f", nodata {nodata:.0%}"
+        + f", nodata {nodata:.0%}; mean confidence {writer.mean_confidence:.3f}"
     )
     return {
         "output": str(output),
@@ -133,5 +173,7 @@ def _summary(
         "seconds": round(seconds, 3),
         "class_pixels": {name: int(counts[i]) for i, name in enumerate(classes)},
         "nodata_pixels": int(out_grid.width * out_grid.height - mapped),
+        "mean_confidence": round(writer.mean_confidence, 4),  # top-class probability, mapped pixels
+        "temperature": meta.temperature,
         "line": line,
     }

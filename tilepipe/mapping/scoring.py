@@ -18,6 +18,7 @@ from rasterio.windows import Window
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import write_json
+from tilepipe.geo.aoi import AoiMask
 from tilepipe.geo.labels import IGNORE, open_labels
 from tilepipe.geo.raster_io import gdal_env
 from tilepipe.geo.remote import as_location
@@ -70,6 +71,7 @@ def score_map(
         step = max(1, math.ceil(max(grid.width, grid.height) / PREVIEW_PX))
         cell = 1 if meta.segmentation else cell_grid_shape(1, 1, meta.tile_size)[0]
         labels = open_labels(as_location(record.labels), scene.grid, params.data)
+        aoi = None if record.aoi_geometry is None else AoiMask(record.aoi_geometry, record.crs, scene.grid)
         previews: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         try:
             with rasterio.open(map_path) as src:
@@ -79,7 +81,10 @@ def score_map(
                 for row in range(0, grid.height, rows_per_read):
                     rows = min(rows_per_read, grid.height - row)
                     predicted = src.read(1, window=Window(0, row, grid.width, rows))
-                    truth = labels.read(Window(0, row * cell, grid.width * cell, rows * cell))
+                    window = Window(0, row * cell, grid.width * cell, rows * cell)
+                    truth = labels.read(window)
+                    if aoi is not None:  # scored only inside the area of interest
+                        truth[~aoi.inside(window)] = IGNORE
                     if cell > 1:
                         truth = _cell_majority(truth, cell, n_classes)
                     keep = (truth != IGNORE) & (predicted != NODATA)
@@ -189,11 +194,17 @@ def score_maps(
         "map_scenes": len(records),
         "map_scored": overall["scored"],
         "map_unit": result["unit"],
+        "map_per_class": {  # per class over the scored cells (pixels) of every held-out map
+            name: {k: c[k] for k in ("precision", "recall", "f1", "iou", "support")}
+            for name, c in summarize(np.asarray(result["confusion"]), list(meta.classes))["per_class"].items()
+        },
     }
     with_intervals(metrics, result["intervals"], prefix="map_")
     low_high = {k: metrics[f"map_{k}_ci"] for k in ("accuracy", "macro_f1", "miou")}
     print(
         f"evaluate: full-scene maps of {len(records)} held-out scene(s), per {result['unit']}: "
-        + ", ".join(f"{k} {overall[k]:.3f}" + (f" {v}" if v else "") for k, v in low_high.items())
+        + ", ".join(
+            f"{k} {overall[k]:.3f}" + (f" [{v[0]:.3f}, {v[1]:.3f}]" if v else "") for k, v in low_high.items()
+        )
     )
     return metrics

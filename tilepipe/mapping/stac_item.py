@@ -27,6 +27,7 @@ from tilepipe.fsutil import write_json
 from tilepipe.geo.raster_io import gdal_env
 from tilepipe.mapping.blend import NODATA
 from tilepipe.mapping.scene import class_colours
+from tilepipe.mapping.writer import CONFIDENCE
 from tilepipe.ml.checkpoint import ModelMeta
 
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -98,6 +99,18 @@ def map_classes(classes: list[str]) -> list[Classification]:
     return out
 
 
+def band_layout(classes: list[str], descriptions: list[str | None]) -> str:
+    """What the map's bands hold, from their descriptions (class, per-class probabilities, confidence)."""
+    n = len(descriptions)
+    probabilities = n - 1 >= len(classes) and not (n == 2 and descriptions[1] == CONFIDENCE)
+    layout = "band 1: class index (255 nodata)"
+    if probabilities:
+        layout += f"; bands 2-{len(classes) + 1}: probability of each class x 255 ({', '.join(classes)})"
+    if n - 1 - (len(classes) if probabilities else 0) == 1:
+        layout += f"; band {n}: top-class probability x 255 (confidence)"
+    return layout
+
+
 def model_properties(meta: ModelMeta, model: dict[str, Any]) -> dict[str, Any]:
     """The model in the item's properties: ``model`` holds name, version, run_id, source (when known)."""
     props = {f"tilepipe:model_{k}": v for k, v in model.items() if v not in (None, "")}
@@ -131,11 +144,14 @@ def build_item(
     """
     map_path = Path(map_path)
     with rasterio.open(map_path) as src:
-        crs, transform, bounds, count = src.crs, src.transform, src.bounds, src.count
-        shape = (src.height, src.width)
+        crs, transform, bounds, descriptions = src.crs, src.transform, src.bounds, src.descriptions
+        shape, mean_confidence = (src.height, src.width), src.tags().get("TILEPIPE_MEAN_CONFIDENCE")
     geometry, bbox = footprint(bounds, crs)
     when = source_datetime(scene, scene_datetime)
     props = {"tilepipe:datetime_source": "scene" if when else "prediction", **model_properties(meta, model)}
+    props["tilepipe:temperature"] = meta.temperature
+    if mean_confidence is not None:
+        props["tilepipe:mean_confidence"] = float(mean_confidence)
     when = when or (created or datetime.now(UTC)).replace(microsecond=0)
     item = pystac.Item(item_id or map_path.stem, geometry, bbox, when, props)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
@@ -145,9 +161,7 @@ def build_item(
     else:
         proj.wkt2 = crs.to_wkt(version="WKT2_2019")
     proj.transform, proj.shape, proj.bbox = list(transform)[:6], list(shape), list(bounds)
-    layout = "band 1: class index (255 nodata)"
-    if count > 1:
-        layout += "; bands 2..: probability of each class x 255 (" + ", ".join(meta.classes) + ")"
+    layout = band_layout(list(meta.classes), list(descriptions))
     asset = pystac.Asset(f"./{map_path.name}", title=f"{meta.task} map", description=layout, media_type=COG,
                          roles=["data"])  # fmt: skip
     item.add_asset("map", asset)

@@ -17,17 +17,25 @@ from tilepipe.ml.checkpoint import ModelMeta
 
 BLOCK = 256  # rows and columns of the intermediate GeoTIFF's blocks; rows are written a block at a time
 PROB_MAX = 254  # probability bands: round(p * 255), capped at 254 because 255 is the nodata value
+CONFIDENCE = "confidence"  # the description of the top-class probability band (``--confidence``)
 
 
 class MapWriter:
-    """Writes strips into a tiled GeoTIFF, only ever whole block rows, so no block is written twice."""
+    """Writes strips into a tiled GeoTIFF, only ever whole block rows, so no block is written twice.
 
-    def __init__(self, path: Path, grid: Grid, meta: ModelMeta, probabilities: bool) -> None:
+    Bands: the class, a probability per class (``probabilities``), the top class's probability
+    (``confidence``); each x 255 and at most 254, 255 where the class is nodata.
+    """
+
+    def __init__(
+        self, path: Path, grid: Grid, meta: ModelMeta, probabilities: bool, confidence: bool = False
+    ) -> None:
         classes = list(meta.classes)
-        self.probabilities = probabilities
+        self.probabilities, self.confidence = probabilities, confidence
+        count = 1 + (len(classes) if probabilities else 0) + int(confidence)
         self.dst = rasterio.open(
             path, "w", driver="GTiff", width=grid.width, height=grid.height,
-            count=1 + (len(classes) if probabilities else 0), dtype="uint8", nodata=NODATA,
+            count=count, dtype="uint8", nodata=NODATA,
             crs=grid.crs, transform=grid.transform, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
             compress="zstd", BIGTIFF="IF_SAFER",
         )  # fmt: skip
@@ -36,6 +44,7 @@ class MapWriter:
             TILEPIPE_TASK=meta.task,
             TILEPIPE_MODEL=meta.model,
             TILEPIPE_NODATA=str(NODATA),
+            TILEPIPE_TEMPERATURE=str(meta.temperature),
         )
         self.dst.set_band_description(1, "class")
         self.dst.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(classes)})
@@ -43,11 +52,20 @@ class MapWriter:
             if probabilities:
                 self.dst.set_band_description(i + 2, name)
                 self.dst.update_tags(i + 2, PROBABILITY_SCALE=f"value / 255, at most {PROB_MAX}")
-        if not probabilities:
+        if confidence:
+            self.dst.set_band_description(count, CONFIDENCE)
+            self.dst.update_tags(count, PROBABILITY_SCALE=f"top-class probability x 255, at most {PROB_MAX}")
+        if count == 1:
             self.dst.write_colormap(1, dict(enumerate(class_colours(classes))))
         self.row = 0
         self.pending: list[np.ndarray] = []
         self.counts = np.zeros(256, dtype=np.int64)
+        self.confidence_sum = 0.0  # of the mapped (not nodata) pixels' top-class probabilities
+
+    @property
+    def mean_confidence(self) -> float:
+        """Mean top-class probability of the pixels (cells) mapped so far; 0 if none."""
+        return self.confidence_sum / max(int(self.counts[:NODATA].sum()), 1)
 
     def add(self, strip: Strip) -> None:
         """Queue finished rows; write every complete block row."""
@@ -55,6 +73,10 @@ class MapWriter:
         if self.probabilities and strip.probs is not None:
             probs = np.multiply(strip.probs, 255, out=strip.probs)  # in place: strips are not reused
             bands.append(np.minimum(np.rint(probs, out=probs), PROB_MAX, out=probs).astype(np.uint8))
+        if strip.confidence is not None:
+            self.confidence_sum += float(strip.confidence.sum(dtype=np.float64))  # 0 where nodata
+            if self.confidence:
+                bands.append(_confidence_band(strip)[None])
         self.pending.append(np.concatenate(bands, axis=0))
         self.counts += np.bincount(strip.classes.ravel(), minlength=256)
         rows = sum(p.shape[1] for p in self.pending)
@@ -72,7 +94,15 @@ class MapWriter:
         rows = sum(p.shape[1] for p in self.pending)
         if rows:
             self._flush(rows)
+        self.dst.update_tags(TILEPIPE_MEAN_CONFIDENCE=f"{self.mean_confidence:.4f}")
         self.dst.close()
+
+
+def _confidence_band(strip: Strip) -> np.ndarray:
+    """The top class's probability x 255 as uint8 (at most 254), NODATA where the class is."""
+    scaled = np.minimum(np.rint(strip.confidence * 255), PROB_MAX).astype(np.uint8)
+    scaled[strip.classes == NODATA] = NODATA
+    return scaled
 
 
 def write_cog(source: Path, output: Path) -> None:

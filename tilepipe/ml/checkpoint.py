@@ -38,6 +38,10 @@ class ModelMeta:
     std: list[float] = field(default_factory=list)  # (the built-in layer's figures: models.Normalized)
     epoch: int = 0  # the best epoch, whose weights these are
     val: dict[str, float] = field(default_factory=dict)  # its validation metrics
+    # lineage of pretrained weights (train.init): the file's name and SHA-256, None from random weights
+    init: str | None = None
+    init_sha256: str | None = None
+    temperature: float = 1.0  # logits / temperature before softmax (fitted on val; 1.0: uncalibrated)
     # bands.normalize and the training tiles' statistics (Normalization.to_dict); {}: range, none kept
     normalization: dict[str, Any] = field(default_factory=dict)
     gsd_range: list[float] | None = None  # [lowest, highest] metres of the training tiles; None: unknown
@@ -69,10 +73,15 @@ def model_meta(
     tile_size: int,
     epoch: int,
     metrics: dict,
+    init: dict | None = None,
     norm: Normalization | None = None,
     gsd_range: list[float] | None = None,
 ) -> ModelMeta:
-    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px, fed as ``norm`` says."""
+    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px.
+
+    ``init``: its lineage (pretrained weights); ``norm``: how its input is normalised; ``gsd_range``:
+    the ground resolutions it was trained on.
+    """
     return ModelMeta(
         task=params.train.task,
         model=params.train.model,
@@ -86,6 +95,7 @@ def model_meta(
         std=stats["std"],
         epoch=epoch,
         val={k: v for k, v in metrics.items() if k.startswith("val_")},
+        **(init or {}),
         normalization=(norm or Normalization()).to_dict(),
         gsd_range=None if gsd_range is None else [float(g) for g in gsd_range],
     )
@@ -97,6 +107,13 @@ def save_model(path: Path, model: Normalized, meta: ModelMeta) -> None:
     # make the bytes depend on the random temp name.
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save({"state_dict": model.state_dict(), "meta": meta.to_dict()}, fh)
+
+
+def save_meta(path: Path, meta: ModelMeta) -> None:
+    """Replace the meta of a saved model, its weights kept byte for byte, atomically."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"state_dict": blob["state_dict"], "meta": meta.to_dict()}, fh)
 
 
 def model_from_meta(meta: ModelMeta) -> Normalized:

@@ -5,18 +5,27 @@ Rank 0 alone calls these when training runs on several processes.
 
 from __future__ import annotations
 
+import math
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from tilepipe.fsutil import atomic_path, write_json, write_text
-from tilepipe.ml.checkpoint import model_meta, save_checkpoint, save_model
+from tilepipe.ml.calibration import T_RANGE, at_range_end, fit_temperature, flat_samples, nll
+from tilepipe.ml.checkpoint import load_model, model_meta, save_checkpoint, save_meta, save_model
+from tilepipe.ml.dataset import TileBatches, TileRef, make_loader
 from tilepipe.ml.distributed import Ranks
+from tilepipe.ml.loops import Precision, pick_device, predict_batches, prepare
 from tilepipe.ml.plots import plot_confusion, plot_curves
 from tilepipe.params import Params
 
 MAXIMISE = {"val_macro_f1": True, "val_accuracy": True, "val_miou": True, "val_loss": False}
+CALIBRATION_SAMPLES = 200_000  # val tiles, or val pixels (segmentation), kept for the temperature fit
 
 
 def _keep_if_best(params: Params, state: dict, epoch: int, metrics: dict[str, float]) -> bool:
@@ -56,7 +65,9 @@ def end_epoch(
     improved = _keep_if_best(params, state, epoch, metrics)
     if improved:
         inputs = data.inputs
-        meta = model_meta(params, data.stats, data.tile_size, epoch, metrics, inputs.norm, inputs.gsd_range)
+        meta = model_meta(
+            params, data.stats, data.tile_size, epoch, metrics, trainer.init, inputs.norm, inputs.gsd_range
+        )
         save_model(out_dir / "model.pt", trainer.model, meta)
         with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, cm)
@@ -86,6 +97,10 @@ def finish(
         "val_scenes": len(refs["val"].scene_ids),
         "tiles_seen_per_epoch": [int(h["tiles_seen"]) for h in history],
         "train_class_counts": data.counts.tolist(),
+        # the best model's temperature, fitted on every labelled val tile (its meta keeps it too)
+        "calibration": calibrate_saved_model(
+            params, data.stores, refs["calibration"], out_dir / "model.pt", data.inputs.scenes["val"]
+        ),
     }
     if ranks is not None:
         summary["world_size"] = ranks.world
@@ -99,3 +114,66 @@ def finish(
     cm = np.load(out_dir / "val_confusion.npy")
     plot_confusion(cm, params.data.class_names, out_dir / "val_confusion.png", "Validation (best epoch)")
     return summary
+
+
+def collect_logits(
+    model: nn.Module, loader: Any, device: torch.device, precision: Precision, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``stride``-th labelled sample (tile or pixel, in loader order), at most CALIBRATION_SAMPLES."""
+    kept_logits, kept_targets, seen, kept = [], [], 0, 0
+    for logits, y in predict_batches(model, loader, device, precision):
+        flat, labels = flat_samples(logits, y)
+        pick = (seen + torch.arange(len(labels))) % stride == 0
+        seen += len(labels)
+        room = CALIBRATION_SAMPLES - kept
+        kept_logits.append(flat[pick][:room].float())  # float32 while held: half the memory
+        kept_targets.append(labels[pick][:room])
+        kept += len(kept_targets[-1])
+        if kept >= CALIBRATION_SAMPLES:
+            break
+    if not kept_logits:
+        return torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)
+    return torch.cat(kept_logits), torch.cat(kept_targets)
+
+
+def calibrate_saved_model(
+    params: Params, stores: dict, ref: TileRef, model_path: Path, scenes: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Fit the temperature of the model at ``model_path`` on ``ref`` (val tiles) and save it in its meta.
+
+    The tiles are fed as in training: the model's normalisation (``scenes``: each val scene's figures).
+
+    The fit always starts from the saved weights' raw logits, so running it again (after a kill)
+    gives the same temperature and file. Returns the temperature, the samples used and the val NLL
+    before and after.
+    """
+    model, meta = load_model(model_path)
+    precision = params.train.precision
+    device = pick_device(precision)
+    batches = TileBatches(stores, ref, meta.task, norm=meta.norm, scenes=scenes)
+    loader = make_loader(batches, params.evaluate.batch_size, 0, False, 0)
+    expected = len(ref.tile) * (meta.tile_size**2 if meta.segmentation else 1)
+    stride = max(1, math.ceil(expected / CALIBRATION_SAMPLES))
+    logits, targets = collect_logits(prepare(model, device, precision), loader, device, precision, stride)
+    temperature = fit_temperature(logits, targets)
+    save_meta(model_path, replace(meta, temperature=temperature))
+    logits, fitted = logits.double(), len(targets) > 0
+    result = {
+        "temperature": round(temperature, 6),
+        "samples": len(targets),
+        "val_nll_uncalibrated": round(nll(logits, targets, 1.0), 6) if fitted else None,
+        "val_nll": round(nll(logits, targets, temperature), 6) if fitted else None,
+    }
+    unit = "pixels" if meta.segmentation else "tiles"
+    if fitted:
+        print(
+            f"train: temperature {temperature:.3f} fitted on {len(targets)} val {unit} "
+            f"(val NLL {result['val_nll_uncalibrated']:.4f} -> {result['val_nll']:.4f})"
+        )
+    if at_range_end(temperature):
+        print(
+            f"warning: temperature {temperature:.3g} is at an end of {list(T_RANGE)}: the model's val "
+            "probabilities are far from calibrated (no better than chance on the val scenes?)",
+            file=sys.stderr,
+        )
+    return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,14 @@ from torch import nn
 
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import write_json, write_text
+from tilepipe.ml.calibration import CalibrationBins
 from tilepipe.ml.checkpoint import ModelMeta, load_model
 from tilepipe.ml.dataset import TileBatches, TileRef, make_loader, open_stores, select_tiles, split_members
 from tilepipe.ml.inputs import scene_scales
 from tilepipe.ml.loops import pick_device, predict_batches, prepare
 from tilepipe.ml.metrics import confusion, majority_baseline, summarize
 from tilepipe.ml.plots import plot_confusion
-from tilepipe.ml.uncertainty import scene_intervals, with_intervals
+from tilepipe.ml.uncertainty import scene_intervals, shown, with_intervals
 from tilepipe.params import Params
 from tilepipe.tiles.store import SceneTiles
 
@@ -29,12 +30,15 @@ PIXEL_SAMPLE_STEP = 8  # segmentation plot data keeps every 8th pixel per axis o
 
 @dataclass
 class TileScores:
-    """Confusion matrices per test scene, the plot rows and the summed loss of one model's pass."""
+    """Confusion matrices per test scene, the plot rows, the summed loss and ECE bins of one model's pass."""
 
     ref: TileRef
     per_scene: np.ndarray
     rows: list[str]
     total_loss: float
+    temperature: float = 1.0  # the model's (meta.temperature)
+    uncalibrated: CalibrationBins = field(default_factory=CalibrationBins)  # softmax(logits)
+    calibrated: CalibrationBins = field(default_factory=CalibrationBins)  # softmax(logits / temperature)
 
 
 def held_out_batches(
@@ -72,13 +76,16 @@ def score_test_tiles(
     batches = held_out_batches(stores, ref, members, meta)
     loader = make_loader(batches, params.evaluate.batch_size, 0, False, 0)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
-    scores = TileScores(ref, np.zeros((len(ref.scene_ids), n_classes, n_classes), np.int64), [], 0.0)
+    cms = np.zeros((len(ref.scene_ids), n_classes, n_classes), np.int64)
+    scores = TileScores(ref, cms, [], 0.0, meta.temperature)
     scores.rows.append("scene,actual,predicted")
     position = 0
     for logits, y in predict_batches(model, loader, device, params.train.precision):
         scenes = ref.scene[position : position + len(y)]
         position += len(y)
-        scores.total_loss += float(loss_fn(logits, y)) * len(y)
+        scores.total_loss += float(loss_fn(logits, y)) * len(y)  # of the raw logits (T = 1)
+        scores.uncalibrated.add_logits(logits, y)
+        scores.calibrated.add_logits(logits, y, meta.temperature)
         _add_batch(scores, scenes, y.numpy(), logits.argmax(dim=1).numpy(), classes, task)
     return scores
 
@@ -112,6 +119,9 @@ def tile_metrics(scores: TileScores, classes: list[str], train_counts: np.ndarra
         "macro_f1": round(summary["macro_f1"], 4),
         "miou": round(summary["miou"], 4),
         "loss": round(scores.total_loss / max(len(scores.ref.tile), 1), 4),
+        "ece": round(scores.calibrated.ece(), 4),  # 15 bins, softmax(logits / temperature)
+        "ece_uncalibrated": round(scores.uncalibrated.ece(), 4),  # the same, T = 1
+        "temperature": round(scores.temperature, 4),
         "baseline_accuracy": round(baseline["accuracy"], 4),
         "baseline_macro_f1": round(baseline["macro_f1"], 4),
         "baseline_miou": round(baseline["miou"], 4),
@@ -183,13 +193,6 @@ def evaluate(
     return metrics
 
 
-def shown(metrics: dict[str, Any], key: str) -> str:
-    """``0.862 [0.781, 0.921]``, or the figure alone when it has no interval."""
-    interval = metrics.get(f"{key}_ci")
-    figure = f"{metrics[key]:.3f}"
-    return figure if not interval else f"{figure} [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
 def small_test_warnings(metrics: dict[str, Any], params: Params) -> list[str]:
     """Say when the test set is too small for its numbers to mean much."""
     warnings = []
@@ -227,6 +230,11 @@ def class_report(metrics: dict[str, Any], classes: list[str]) -> str:
             f"full-scene maps of {metrics['map_scenes']} scene(s), per {metrics.get('map_unit', 'cell')}: "
             f"accuracy {shown(metrics, 'map_accuracy')}  macro-F1 {shown(metrics, 'map_macro_f1')}  "
             f"mIoU {shown(metrics, 'map_miou')}"
+        )
+    if "ece" in metrics:
+        lines.append(
+            f"calibration (15-bin ECE): {metrics['ece']:.4f} at temperature {metrics['temperature']:.3f}, "
+            f"{metrics['ece_uncalibrated']:.4f} uncalibrated"
         )
     lines.append(
         f"majority baseline: accuracy {metrics['baseline_accuracy']:.4f}  "

@@ -43,10 +43,12 @@ from tilepipe.ml.distributed import (
     wrap,
 )
 from tilepipe.ml.epochs import end_epoch, finish
+from tilepipe.ml.finetune import frozen_body
 from tilepipe.ml.inputs import ModelInputs, training_inputs
 from tilepipe.ml.loops import keep_freed_memory, pick_device, prepare, score, train_epoch
 from tilepipe.ml.metrics import summarize
 from tilepipe.ml.models import Normalized, build_model
+from tilepipe.ml.pretrained import initialise
 from tilepipe.params import Params
 from tilepipe.tiles.store import SceneTiles
 
@@ -81,6 +83,7 @@ class Trainer:
     ddp: nn.Module | None = None  # the model under DistributedDataParallel, on several processes
     loss_sum: nn.Module | None = None  # loss_fn summed, not averaged (each rank's share of a batch)
     ranks_record: dict | None = None  # the last epoch's tiles per rank (rank 0, several processes)
+    init: dict | None = None  # the pretrained weights' file and SHA-256 (train.init), for the meta
 
 
 def class_counts(stores, ref, task: str, n_classes: int) -> np.ndarray:
@@ -135,6 +138,7 @@ def load_training_data(
     for name, ref in refs.items():
         if len(ref.tile) == 0:
             raise TilepipeError(f"{split_json}: the {name} split has no usable tile (train.min_purity?)")
+    refs["calibration"] = select_tiles(stores, members["val"], tp.task, 0.0)  # every labelled val tile
     tile_size = int(next(iter(stores.values())).index["tile_size"])
     inputs = training_inputs(params, tiles_dir, stores, members, stats_json)
     stats = band_statistics(stores, refs["train"], norm=inputs.norm, scenes=inputs.scenes["train"])
@@ -171,6 +175,7 @@ def make_trainer(
     tp = params.train
     device = device or pick_device(tp.precision)
     model, optimizer, scheduler = build_optimisation(params, data.stats, len(params.data.classes))
+    init = initialise(params, model.net, show=ranks is None or ranks.main)
     model = prepare(model, device, tp.precision)
     weight = class_weights(data.counts, tp.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device), ignore_index=-100)
@@ -191,6 +196,7 @@ def make_trainer(
         loader=make_loader(train_data, tp.batch_size, params.seed, True, tp.workers, sampler=share),
         val_loader=make_loader(val_data, params.evaluate.batch_size, 0, False, 0),
         loss_sum=None if ranks is None else nn.CrossEntropyLoss(weight=loss_fn.weight, reduction="sum"),
+        init=init,
     )
 
 
@@ -245,7 +251,8 @@ def run_epoch(params: Params, trainer: Trainer, epoch: int, ranks: Ranks | None 
     model, loss_fn, step = (
         (t.model, t.loss_fn, train_epoch) if ranks is None else (t.ddp, t.loss_sum, ddp_train_epoch)
     )
-    result = step(model, t.loader, loss_fn, t.optimizer, t.device, tp.precision, desc, t.scaler)
+    with frozen_body(t.model.net, tp.model, t.optimizer, active=epoch <= tp.freeze_epochs):
+        result = step(model, t.loader, loss_fn, t.optimizer, t.device, tp.precision, desc, t.scaler)
     if ranks is not None:
         per_rank, covered = gather_seen(t.loader.sampler.seen, t.loader.sampler.size)
         if not ranks.main:

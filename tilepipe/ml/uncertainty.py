@@ -109,6 +109,13 @@ def interval_note(computed: bool) -> str:
     return f"{CONFIDENCE:.0%} scene bootstrap ({SAMPLES} draws of the test scenes with replacement)"
 
 
+def shown(metrics: dict[str, Any], key: str) -> str:
+    """``0.862 [0.781, 0.921]``, or the figure alone when it has no interval."""
+    interval = metrics.get(f"{key}_ci")
+    figure = f"{metrics[key]:.3f}"
+    return figure if not interval else f"{figure} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def paired_difference(
     new: np.ndarray,
     old: np.ndarray,

@@ -24,6 +24,7 @@ from rasterio.windows import Window
 
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import atomic_dir, is_leftover, write_json
+from tilepipe.geo.aoi import AoiMask, geometry_sha256
 from tilepipe.geo.labels import IGNORE, open_labels
 from tilepipe.geo.raster_io import (
     aligned,
@@ -56,6 +57,8 @@ def fingerprint(scene: SceneRecord, params: Params) -> str:
         "tile": params.tile.model_dump(mode="json", exclude={"workers", "gdal_cache_mb"}),
         "classes": params.data.model_dump(mode="json", include={"classes", "background"}),
     }
+    if scene.aoi_geometry is not None:  # only then: scenes without an AOI keep their fingerprints
+        key["aoi"] = geometry_sha256(scene.aoi_geometry)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -86,6 +89,7 @@ def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str,
         coarser = tp.gsd is not None and tp.gsd > scene.gsd_m
         view = aligned(src, grid, Resampling.average if coarser else Resampling.bilinear)
         labels = open_labels(as_location(scene.labels), grid, params.data)
+        aoi = None if scene.aoi_geometry is None else AoiMask(scene.aoi_geometry, scene.crs, grid)
         indexes = list(scene.input_bands.values())
         rows, cols = tile_grid_shape(grid.width, grid.height, tp.size, tp.stride)
         step = max(1, CHUNK_PX // tp.stride)
@@ -111,6 +115,9 @@ def tile_scene(scene: SceneRecord, params: Params, scene_dir: Path) -> dict[str,
             with closing(read_ahead(read, windows, tp.gdal_cache_mb)) as chunks:
                 for chunk in chunks:
                     label = _read_labels(labels, chunk.window, scene)
+                    if aoi is not None:  # outside the AOI: no label, and nodata for tile.max_nodata
+                        inside = aoi.inside(chunk.window)
+                        chunk.valid, chunk.whole = chunk.valid & inside, chunk.whole and bool(inside.all())
                     if not chunk.whole:
                         label[~chunk.valid] = IGNORE
                     dropped += _cut_chunk(chunk, label, params, grid, writer, table)

@@ -27,12 +27,18 @@ def _as_scored(version: Any, key: str) -> Scored:
 def register(
     run: dict[str, str], metrics: dict[str, Any], params: Params, split_json: Path
 ) -> dict[str, Any]:
-    """Register the run's model; move ``champion`` only if it beats the champion on this test split."""
+    """Register the run's model once; move ``champion`` only if it beats the champion on this test split.
+
+    A run whose model is registered already (a flow resumed, an evaluation rerun) adds no version.
+    """
     mlflow = connected_mlflow()
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     name, key = params.track.model_name, params.track.champion_metric
+    if (known := registered_version(client, name, run["run_id"])) is not None:
+        print(f"register: {name} v{known}: this model (run {run['run_id']}) is registered already")
+        return {"name": name, "version": known, "champion": False, "decision": "registered already"}
     split_hash = file_sha256(split_json)
     version = mlflow.register_model(run["model_uri"], name, tags={"run_id": run["run_id"]})
     score = float(metrics[key])
@@ -54,3 +60,9 @@ def register(
         "champion": decision.promote,
         "decision": decision.reason,
     }
+
+
+def registered_version(client: Any, name: str, run_id: str) -> int | None:
+    """The version of ``name`` registered from the run ``run_id`` (its ``run_id`` tag), or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.run_id = '{run_id}'")
+    return min((int(v.version) for v in found), default=None)

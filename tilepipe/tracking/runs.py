@@ -19,6 +19,7 @@ import yaml
 
 from tilepipe.fsutil import file_sha256, write_json
 from tilepipe.ml.checkpoint import load_model
+from tilepipe.ml.pretrained import InitSpec, checked_file
 from tilepipe.params import Params, flatten
 from tilepipe.tracking.check import fail_fast, is_unreachable, lost, quick_http
 from tilepipe.tracking.fetch import WEIGHTS
@@ -92,6 +93,14 @@ def run_name(params: Params) -> str:
     return exp or f"{params.train.model}-w{params.train.width}-{params_hash(params)}"
 
 
+def init_tags(params: Params) -> dict[str, str]:
+    """``init_file`` and ``init_sha256`` of the pretrained weights (``train.init``), checked; {} without."""
+    if not params.train.init:
+        return {}
+    spec = InitSpec.parse(params.train.init)
+    return {"init_file": spec.path.name, "init_sha256": checked_file(spec)}
+
+
 @contextmanager
 def training_run(
     params: Params,
@@ -107,6 +116,7 @@ def training_run(
     with backoff): a short outage only pauses the logging call. One gone for good ends the run here
     with one line; the model and checkpoint already written in ``model_dir`` stay.
     """
+    init = init_tags(params)  # a missing or altered init file fails here, before any run is opened
     mlflow = connected_mlflow()
     uri = tracking_uri()
     with fail_fast(uri):  # bounded probe: a down server or a locked store fails here
@@ -114,7 +124,7 @@ def training_run(
         run = mlflow.start_run(run_name=name or run_name(params))
     try:
         mlflow.log_params(flatten(params))
-        mlflow.set_tags({**lineage_tags(split_json), **dvc_exp_tags(), **(tags or {})})
+        mlflow.set_tags({**lineage_tags(split_json), **dvc_exp_tags(), **init, **(tags or {})})
         yield run
     except BaseException as exc:
         unreachable = is_unreachable(exc)
@@ -194,10 +204,12 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], out_dir: Path) -> None:
     flat.update(_interval_metrics(metrics, "test_"))
     for scene, acc in metrics.get("per_scene_accuracy", {}).items():
         flat[f"test_scene_accuracy_{scene}"] = float(acc)
-    for name, scores in metrics.get("per_class", {}).items():
-        flat[f"test_f1_{name}"] = float(scores["f1"])
-        if scores.get("f1_ci"):
-            flat[f"test_f1_{name}_ci_low"], flat[f"test_f1_{name}_ci_high"] = map(float, scores["f1_ci"])
+    for prefix in ("", "map_"):
+        for name, scores in metrics.get(f"{prefix}per_class", {}).items():
+            key = f"test_{prefix}f1_{name}"
+            flat[key] = float(scores["f1"])
+            if scores.get("f1_ci"):
+                flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = map(float, scores["f1_ci"])
     # the run's own experiment: one this process set earlier (another store, another params file)
     # would make MLflow refuse to reopen the run
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
