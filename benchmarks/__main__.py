@@ -2,7 +2,8 @@
 
 `python -m benchmarks` runs all of them; `python -m benchmarks tiling datapath` runs a subset and
 updates only those entries of an existing results.json. `python -m benchmarks seeds` (named only)
-reruns the default pipeline under three seeds and writes metrics/seeds.json.
+reruns the default pipeline under three seeds and writes metrics/seeds.json; `python -m benchmarks
+normalization` (named only) compares bands.normalize and train.augment options on held-out scenes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from benchmarks import (
     datapath,
     ddp,
     memory,
+    normalization,
     orchestration,
     pretrain,
     remote,
@@ -44,8 +46,9 @@ BENCHMARKS = {
     "dask": dask_tiling.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here;
-# `pretrain`: a pretraining and two small studies (docs/pretrained.md)
-ON_REQUEST = {"seeds": seeds.run, "pretrain": pretrain.run}
+# `pretrain`: a pretraining and two small studies (docs/pretrained.md); `normalization`: 18 full
+# trainings, ~1.5 h (docs/tracking.md)
+ON_REQUEST = {"seeds": seeds.run, "pretrain": pretrain.run, "normalization": normalization.run}
 RESULTS = Path(__file__).resolve().parent / "results.json"
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 

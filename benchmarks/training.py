@@ -64,7 +64,7 @@ def _epoch_plain(model, stores, ref, p, optimizer, loss_fn, epoch: int) -> tuple
     model.train()
     seen, started = 0, time.perf_counter()
     for (x, y), positions in zip(loader, batches, strict=True):
-        if p.train.augment:
+        if p.train.augment in ("geometric", "both"):
             turned, _ = dihedral(x.numpy(), None, dihedral_ops(p.seed, epoch, np.asarray(positions)))
             x = torch.from_numpy(turned)
         optimizer.zero_grad(set_to_none=True)

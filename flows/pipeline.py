@@ -23,6 +23,7 @@ from tilepipe.fsutil import remove_leftovers
 from tilepipe.geo.read_errors import RETRIED, failure_kind
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params, load_params
+from tilepipe.stages.analyze import analyze
 from tilepipe.stages.evaluate import evaluate, register
 from tilepipe.stages.ingest import ingest
 from tilepipe.stages.predict import predict_held_out
@@ -30,7 +31,7 @@ from tilepipe.stages.split import split
 from tilepipe.stages.synthesize import synthesize
 from tilepipe.stages.tile import plan_tiling, summarize_tiles, tile_one
 from tilepipe.stages.train import train
-from tilepipe.wiring import METRICS, MODELS, PREDICTIONS, SCENES, SPLIT, SYNTHETIC, TILES
+from tilepipe.wiring import METRICS, MODELS, PREDICTIONS, SCENES, SPLIT, STATS, SYNTHETIC, TILES
 
 BACKOFF = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s between the 3 retries of a tile task
 step = partial(task, cache_policy=NO_CACHE)  # no result caching: tiling is incremental by fingerprint
@@ -96,10 +97,17 @@ def split_task(params: Params, scenes_json: Path, tiles: Path) -> Path:
     return SPLIT
 
 
+@step(name="analyze")
+def analyze_task(params: Params, scenes_json: Path, tiles: Path, split_json: Path) -> Path:
+    """Band statistics and class pixel counts of the training tiles into data/stats/stats.json."""
+    analyze(params, scenes_json, tiles, split_json, STATS)
+    return STATS
+
+
 @step(name="train")
-def train_task(params: Params, tiles: Path, split_json: Path) -> Path:
+def train_task(params: Params, tiles: Path, split_json: Path, stats_json: Path) -> Path:
     """Train in an MLflow run into models/, each epoch also logged to the Prefect logs."""
-    train(params, tiles, split_json, MODELS, on_epoch=log_epoch)
+    train(params, tiles, split_json, MODELS, on_epoch=log_epoch, stats_json=stats_json)
     return MODELS
 
 
@@ -164,7 +172,7 @@ def tile_all(params: Params, todo: list[SceneRecord]) -> list[Path]:
 
 @flow(name="tilepipe", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run synthesize (built-in data), ingest, tile, split, train, predict, evaluate, register.
+    """Run synthesize (built-in data), ingest, tile, split, analyze, train, predict, evaluate, register.
 
     In a DVC project with params.yaml's params, a stage whose deps, params and outs DVC reports
     unchanged is skipped (``flows/stage_gate.py``); a model is registered only when evaluated anew.
@@ -209,9 +217,12 @@ def _prepare(params: Params, gate: StageGate) -> list[str]:
 
 
 def _model(params: Params, gate: StageGate) -> dict[str, Any]:
-    """Run train, predict and evaluate as DVC decides; a model is registered once, once evaluated."""
+    """Run analyze, train, predict and evaluate as DVC decides; a model is registered once, once evaluated."""
+    if gate.must_run("analyze"):
+        analyze_task(params, SCENES, TILES, SPLIT)
+        _done(gate, "analyze")
     if gate.must_run("train"):
-        train_task(params, TILES, SPLIT)
+        train_task(params, TILES, SPLIT, STATS)
         _done(gate, "train")
     if gate.must_run("predict"):
         predict_task(params, MODELS, SCENES, SPLIT)

@@ -35,6 +35,7 @@ def test_dvc_repro_is_complete_idempotent_and_restorable(tmp_path):
     tiles = sorted((repo / "data" / "tiles").glob("*/index.json"))
     assert len(tiles) == 5
     assert (repo / "data" / "split" / "split.json").is_file()
+    assert (repo / "data" / "stats" / "stats.json").is_file()  # analyze, between split and train
     assert (repo / "metrics" / "metrics.json").is_file()
     assert (repo / "models" / "model.pt").is_file()
     scored = yaml.safe_load((repo / "metrics" / "metrics.json").read_text())
@@ -62,3 +63,19 @@ def test_dvc_repro_is_complete_idempotent_and_restorable(tmp_path):
         for file in scene_dir.iterdir():
             restored = clone / file.relative_to(repo)
             assert restored.read_bytes() == file.read_bytes(), restored
+    stats_file = Path("data/stats/stats.json")
+    assert (clone / stats_file).read_bytes() == (repo / stats_file).read_bytes()
+
+    # bands.normalize: standardize runs end to end; the statistics stay cached (they do not depend on it)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["bands"]["normalize"] = "standardize"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    third = _run(["dvc", "repro"], repo, env)
+    assert "Running stage 'train'" in third.stdout and "Running stage 'evaluate'" in third.stdout
+    assert "Running stage 'analyze'" not in third.stdout and "Running stage 'tile'" not in third.stdout
+    from tilepipe.ml.checkpoint import load_model
+
+    meta = load_model(repo / "models" / "model.pt")[1]
+    stats = yaml.safe_load((repo / "data" / "stats" / "stats.json").read_text())
+    assert meta.norm.mode == "standardize" and meta.norm.mean == stats["mean"]
+    assert 0.0 <= yaml.safe_load((repo / "metrics" / "metrics.json").read_text())["macro_f1"] <= 1.0

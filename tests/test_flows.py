@@ -195,6 +195,7 @@ def test_flow_runs_end_to_end_and_publishes_metrics(workspace, first_run):
         "plan-tiles",
         "summarize-tiles",
         "split",
+        "analyze",
         "train",
         "predict",
         "evaluate",

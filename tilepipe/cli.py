@@ -54,12 +54,20 @@ def _split(params: Params, args: argparse.Namespace) -> None:
     split(params, args.scenes, args.tiles, args.out)
 
 
+@command("analyze", "band statistics and class pixel counts of the training scenes' tiles")
+def _analyze(params: Params, args: argparse.Namespace) -> None:
+    from tilepipe.stages.analyze import analyze
+
+    analyze(params, args.scenes, args.tiles, args.split, args.out)
+
+
 @command("train", "train a model over every training tile of every training scene")
 def _train(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.stages.train import train
 
     flags = [f"train.nproc_per_node={args.nproc_per_node}"] if args.nproc_per_node is not None else []
-    train(_flagged(params, flags, "--nproc-per-node"), args.tiles, args.split, args.out)
+    params = _flagged(params, flags, "--nproc-per-node")
+    train(params, args.tiles, args.split, args.out, stats_json=args.stats)
 
 
 @command("evaluate", "score the model on the held-out test scenes, log it and register it")

@@ -31,8 +31,9 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     ),
     "tile": lambda s: _path_args(s, scenes=w.SCENES, out=w.TILES),
     "split": lambda s: _path_args(s, scenes=w.SCENES, tiles=w.TILES, out=w.SPLIT),
+    "analyze": lambda s: _path_args(s, scenes=w.SCENES, tiles=w.TILES, split=w.SPLIT, out=w.STATS),
     "train": lambda s: (
-        _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS),
+        _path_args(s, tiles=w.TILES, split=w.SPLIT, out=w.MODELS, stats=w.STATS),
         s.add_argument(
             "--nproc-per-node", type=int, default=None, metavar="N",
             help="train on N processes of this machine, torchrun-style (default: train.nproc_per_node)",

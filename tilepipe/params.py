@@ -64,10 +64,12 @@ class DataParams(Section):
 
 
 class BandParams(Section):
-    """Which named bands feed the model and how each dtype's range maps to [0, 1]."""
+    """Which named bands feed the model, how each dtype's range maps to [0, 1], then how it is normalised."""
 
     input: list[str] = Field(min_length=1)
     scale: dict[Literal[DTYPES], tuple[float, float]]  # type: ignore[valid-type]
+    # range (as scaled) | standardize | percentile (training tiles' figures) | scene (each scene's own)
+    normalize: Literal["range", "standardize", "percentile", "scene"] = "range"
 
     @field_validator("input")
     @classmethod
@@ -179,7 +181,7 @@ class TrainParams(Section):
     early_stopping: EarlyStopping = EarlyStopping()
     min_purity: float = Field(default=0.6, gt=0, le=1)
     class_weights: Literal["none", "inverse", "sqrt_inverse"] = "sqrt_inverse"
-    augment: bool = True
+    augment: Literal["none", "geometric", "photometric", "both"] = "geometric"
     precision: Literal["fp32", "bf16", "amp"] = "fp32"
     workers: int = Field(default=0, ge=0, le=64)
     threads: int = Field(default=0, ge=0, le=256)
@@ -188,6 +190,12 @@ class TrainParams(Section):
     # pretrained weights from a local file, PATH or PATH#sha256=HEX (tilepipe/ml/pretrained.py)
     init: str | None = None
     freeze_epochs: int = Field(default=0, ge=0, le=10_000)  # first epochs train the head only
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value: Any) -> Any:
+        """``true`` / ``false`` (the flag before photometric jitter existed): geometric / none."""
+        return {True: "geometric", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _task_fits_model(self) -> TrainParams:
@@ -229,6 +237,7 @@ class PredictParams(Section):
     window: int = Field(default=256, ge=8, le=8192)
     margin: int = Field(default=48, ge=0)
     batch_size: int = Field(default=16, ge=1)
+    gsd_tolerance: float = Field(default=0.25, ge=0)  # share a scene's GSD may lie outside the trained range
 
     @model_validator(mode="after")
     def _fits(self) -> PredictParams:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("synthesize", "ingest", "tile", "split", "train", "predict", "evaluate")  # dvc.yaml's order
+# dvc.yaml's order
+STAGES = ("synthesize", "ingest", "tile", "split", "analyze", "train", "predict", "evaluate")
 SYNTHETIC = Path("data/synthetic")
 SCENES = Path("data/ingest/scenes.json")
 TILES = Path("data/tiles")
 SPLIT = Path("data/split/split.json")
+STATS = Path("data/stats/stats.json")
 MODELS = Path("models")
 PREDICTIONS = Path("predictions")
 METRICS = Path("metrics")

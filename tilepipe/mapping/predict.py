@@ -102,7 +102,8 @@ def predict_scene(
     os.close(fd)
     strips_file = Path(strips_path)
     try:
-        with gdal_env(params.tile.gdal_cache_mb), open_scene(scene, meta, bands) as opened:
+        tolerance = params.predict.gsd_tolerance
+        with gdal_env(params.tile.gdal_cache_mb), open_scene(scene, meta, bands, tolerance) as opened:
             out_grid = output_grid(meta, opened.grid)
             total = window_total(params, meta, opened.grid)
             mask = None if aoi is None else AoiMask(*aoi, out_grid)

@@ -118,6 +118,10 @@ def model_properties(meta: ModelMeta, model: dict[str, Any]) -> dict[str, Any]:
         "tilepipe:architecture": meta.model,
         "tilepipe:task": meta.task,
         "tilepipe:model_epoch": meta.epoch,
+        "tilepipe:bands": list(meta.bands),  # the model's input contract: bands, GSD, normalisation
+        "tilepipe:gsd": meta.gsd,
+        "tilepipe:gsd_range": meta.gsd_range,
+        "tilepipe:normalize": meta.norm.mode,
     })  # fmt: skip
     return props
 

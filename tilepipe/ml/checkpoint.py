@@ -13,6 +13,7 @@ from torch import nn
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import atomic_path
 from tilepipe.ml.models import Normalized, build_model
+from tilepipe.ml.normalize import Normalization
 from tilepipe.params import Params
 
 CHECKPOINT_KEYS = ("key", "model", "optimizer", "scheduler", "torch_rng", "state")
@@ -33,14 +34,22 @@ class ModelMeta:
     classes: list[str]
     tile_size: int
     gsd: float | None = None  # metres; None: each scene's own resolution
-    mean: list[float] = field(default_factory=list)  # per input band, of the training tiles
-    std: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)  # per input band, of the training tiles as fed
+    std: list[float] = field(default_factory=list)  # (the built-in layer's figures: models.Normalized)
     epoch: int = 0  # the best epoch, whose weights these are
     val: dict[str, float] = field(default_factory=dict)  # its validation metrics
     # lineage of pretrained weights (train.init): the file's name and SHA-256, None from random weights
     init: str | None = None
     init_sha256: str | None = None
     temperature: float = 1.0  # logits / temperature before softmax (fitted on val; 1.0: uncalibrated)
+    # bands.normalize and the training tiles' statistics (Normalization.to_dict); {}: range, none kept
+    normalization: dict[str, Any] = field(default_factory=dict)
+    gsd_range: list[float] | None = None  # [lowest, highest] metres of the training tiles; None: unknown
+
+    @property
+    def norm(self) -> Normalization:
+        """How pixels in [0, 1] are normalised before the model (``tilepipe.ml.normalize``)."""
+        return Normalization(**self.normalization) if self.normalization else Normalization()
 
     @property
     def segmentation(self) -> bool:
@@ -59,9 +68,20 @@ class ModelMeta:
 
 
 def model_meta(
-    params: Params, stats: dict, tile_size: int, epoch: int, metrics: dict, init: dict | None = None
+    params: Params,
+    stats: dict,
+    tile_size: int,
+    epoch: int,
+    metrics: dict,
+    init: dict | None = None,
+    norm: Normalization | None = None,
+    gsd_range: list[float] | None = None,
 ) -> ModelMeta:
-    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px (``init``: its lineage)."""
+    """The meta of a model trained with ``params`` on tiles of ``tile_size`` px.
+
+    ``init``: its lineage (pretrained weights); ``norm``: how its input is normalised; ``gsd_range``:
+    the ground resolutions it was trained on.
+    """
     return ModelMeta(
         task=params.train.task,
         model=params.train.model,
@@ -76,6 +96,8 @@ def model_meta(
         epoch=epoch,
         val={k: v for k, v in metrics.items() if k.startswith("val_")},
         **(init or {}),
+        normalization=(norm or Normalization()).to_dict(),
+        gsd_range=None if gsd_range is None else [float(g) for g in gsd_range],
     )
 
 

@@ -12,9 +12,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tilepipe.geo.labels import IGNORE
+from tilepipe.ml.normalize import Normalization, normalize
 from tilepipe.tiles.store import SceneTiles
 
 Task = Literal["classification", "segmentation"]
+AUGMENT = {  # train.augment -> (flips and turns, photometric jitter)
+    "none": (False, False), "geometric": (True, False), "photometric": (False, True), "both": (True, True),
+}  # fmt: skip
+GAIN = (0.8, 1.25)  # photometric jitter per tile and band: gain and gamma log-uniform in these ranges,
+GAMMA = (0.8, 1.25)  # an offset uniform in +-OFFSET, applied to the [0, 1] pixels before normalisation
+OFFSET = 0.05
 
 
 @dataclass(frozen=True)
@@ -63,14 +70,27 @@ def select_tiles(
     )
 
 
-def band_statistics(stores: dict[str, SceneTiles], ref: TileRef, max_tiles: int = 4096) -> dict[str, list]:
-    """Per-band mean and std over (a seeded, evenly spread sample of) the training tiles."""
+def band_statistics(
+    stores: dict[str, SceneTiles],
+    ref: TileRef,
+    max_tiles: int = 4096,
+    norm: Normalization | None = None,
+    scenes: np.ndarray | None = None,
+) -> dict[str, list]:
+    """Per-band mean and std over (an evenly spread sample of) the training tiles, as the model takes them.
+
+    That is after ``norm`` (``scenes``: each scene's mean and std, for ``scene``): the model's built-in
+    layer standardises its input with these figures.
+    """
     count = len(ref.tile)
     picks = np.linspace(0, count - 1, num=min(count, max_tiles)).round().astype(np.int64)
     total = total_sq = None
     pixels = 0
     for i in picks:
-        image = stores[ref.scene_ids[ref.scene[i]]].image(int(ref.tile[i])).astype(np.float64)
+        image = stores[ref.scene_ids[ref.scene[i]]].image(int(ref.tile[i]))
+        if norm is not None:
+            image = normalize(image, norm, None if scenes is None else scenes[ref.scene[i]])
+        image = image.astype(np.float64)
         flat = image.reshape(image.shape[0], -1)
         total = flat.sum(axis=1) if total is None else total + flat.sum(axis=1)
         total_sq = (flat**2).sum(axis=1) if total_sq is None else total_sq + (flat**2).sum(axis=1)
@@ -85,6 +105,8 @@ class TileBatches(Dataset):
 
     Gathering a batch with one fancy index per shard is far cheaper than one memmap slice
     per tile, and lets a DataLoader with any worker count deliver ready batches.
+    ``augment``: none, geometric (flips and turns), photometric (band jitter) or both (True: geometric).
+    ``norm`` and ``scenes`` (each ref scene's mean and std, for ``scene``): ``tilepipe.ml.normalize``.
     """
 
     def __init__(
@@ -92,9 +114,13 @@ class TileBatches(Dataset):
         stores: dict[str, SceneTiles],
         ref: TileRef,
         task: Task,
-        augment: bool = False,
+        augment: bool | str = False,
+        norm: Normalization | None = None,
+        scenes: np.ndarray | None = None,
     ) -> None:
-        self.stores, self.ref, self.task, self.augment = stores, ref, task, augment
+        self.stores, self.ref, self.task = stores, ref, task
+        self.augment = {True: "geometric", False: "none"}.get(augment, augment)
+        self.norm, self.scenes = norm, scenes
 
     def __len__(self) -> int:
         return len(self.ref.tile)
@@ -102,33 +128,45 @@ class TileBatches(Dataset):
     def __getitem__(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch for (seed, epoch, positions), or for (seed, epoch, positions, rows): one rank's rows of it.
 
-        With rows, each tile gets the flip or turn it gets in the whole batch on one process.
+        With rows, each tile gets the flip or turn (and jitter) it gets in the whole batch on one process.
         """
         seed, epoch, positions, *share = item
         positions = np.asarray(positions, dtype=np.int64)
         segmentation = self.task == "segmentation"
-        ops = dihedral_ops(seed, epoch, positions) if self.augment else None
+        geometric, photometric = AUGMENT[self.augment]
+        ops = dihedral_ops(seed, epoch, positions) if geometric else None
+        jitter = jitter_draws(seed, epoch, positions, self._bands()) if photometric else None
         if share:
-            positions, ops, images, labels = self._share(positions, np.asarray(share[0], np.int64), ops)
+            rows = np.asarray(share[0], np.int64)
+            positions, ops, jitter, images, labels = self._share(positions, rows, ops, jitter)
         else:
             images, labels = self.gather(positions, labels=segmentation)
         if ops is not None:
             images, labels = dihedral(images, labels, ops)
-        x = torch.from_numpy(images)  # float32 in [0, 1]; the model normalises (models.Normalized)
+        if jitter is not None:
+            images = jittered(images, jitter)
+        if self.norm is not None:
+            scenes = None if self.scenes is None else self.scenes[self.ref.scene[positions]]
+            images = normalize(images, self.norm, scenes)
+        x = torch.from_numpy(images)  # float32; the model standardises it (models.Normalized)
         if not segmentation:
             return x, torch.from_numpy(self.ref.target[positions])
         classes = labels.astype(np.int64)
         classes[classes == IGNORE] = -100
         return x, torch.from_numpy(classes)
 
-    def _share(self, positions: np.ndarray, rows: np.ndarray, ops: np.ndarray | None) -> tuple:
-        """Positions, ops and gathered tiles of ``rows`` of a batch; none of them (shaped alike) if empty."""
+    def _bands(self) -> int:
+        return len(next(iter(self.stores.values())).index["bands"])
+
+    def _share(self, positions: np.ndarray, rows: np.ndarray, ops, jitter) -> tuple:
+        """Positions, ops, jitter and tiles of ``rows`` of a batch; none of them (shaped alike) if empty."""
         segmentation = self.task == "segmentation"
         ops = None if ops is None else ops[rows]
+        jitter = None if jitter is None else jitter[rows]
         if len(rows) == 0:  # the last, short batch of an epoch left this rank nothing
             images, labels = self.gather(positions[:1], labels=segmentation)
-            return positions[:0], ops, images[:0], None if labels is None else labels[:0]
-        return positions[rows], ops, *self.gather(positions[rows], labels=segmentation)
+            return positions[:0], ops, jitter, images[:0], None if labels is None else labels[:0]
+        return positions[rows], ops, jitter, *self.gather(positions[rows], labels=segmentation)
 
     def gather(self, positions: np.ndarray, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Tiles (float32 images in [0, 1], uint8 labels or None) for the given positions, in that order."""
@@ -155,6 +193,28 @@ def dihedral_ops(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
     The seed travels with the batch: resume-safe, and the same in any loader worker.
     """
     return np.random.default_rng([seed, epoch, int(positions[0])]).integers(0, 8, size=len(positions))
+
+
+def jitter_draws(seed: int, epoch: int, positions: np.ndarray, bands: int) -> np.ndarray:
+    """Per tile and band of a batch: gain, gamma and offset, (n, 3, bands) float32.
+
+    Seeded like the flips (seed, epoch, the batch's first position), on a stream of its own.
+    """
+    rng = np.random.default_rng([seed, epoch, int(positions[0]), 1])
+    shape = (len(positions), bands)
+    gain = np.exp(rng.uniform(np.log(GAIN[0]), np.log(GAIN[1]), shape))
+    gamma = np.exp(rng.uniform(np.log(GAMMA[0]), np.log(GAMMA[1]), shape))
+    offset = rng.uniform(-OFFSET, OFFSET, shape)
+    return np.stack([gain, gamma, offset], axis=1).astype(np.float32)
+
+
+def jittered(images: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``gain * x ** gamma + offset`` per tile and band, clipped to [0, 1] (images (n, bands, h, w))."""
+    gain, gamma, offset = (draws[:, k, :, None, None] for k in range(3))
+    out = np.power(images, gamma, dtype=np.float32)
+    np.multiply(out, gain, out=out)
+    np.add(out, offset, out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def dihedral(

@@ -64,7 +64,10 @@ def end_epoch(
     """Keep the model if best, checkpoint, print; True when early stopping ends the training."""
     improved = _keep_if_best(params, state, epoch, metrics)
     if improved:
-        meta = model_meta(params, data.stats, data.tile_size, epoch, metrics, trainer.init)
+        inputs = data.inputs
+        meta = model_meta(
+            params, data.stats, data.tile_size, epoch, metrics, trainer.init, inputs.norm, inputs.gsd_range
+        )
         save_model(out_dir / "model.pt", trainer.model, meta)
         with atomic_path(out_dir / "val_confusion.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, cm)
@@ -95,7 +98,9 @@ def finish(
         "tiles_seen_per_epoch": [int(h["tiles_seen"]) for h in history],
         "train_class_counts": data.counts.tolist(),
         # the best model's temperature, fitted on every labelled val tile (its meta keeps it too)
-        "calibration": calibrate_saved_model(params, data.stores, refs["calibration"], out_dir / "model.pt"),
+        "calibration": calibrate_saved_model(
+            params, data.stores, refs["calibration"], out_dir / "model.pt", data.inputs.scenes["val"]
+        ),
     }
     if ranks is not None:
         summary["world_size"] = ranks.world
@@ -131,8 +136,12 @@ def collect_logits(
     return torch.cat(kept_logits), torch.cat(kept_targets)
 
 
-def calibrate_saved_model(params: Params, stores: dict, ref: TileRef, model_path: Path) -> dict[str, Any]:
+def calibrate_saved_model(
+    params: Params, stores: dict, ref: TileRef, model_path: Path, scenes: np.ndarray | None = None
+) -> dict[str, Any]:
     """Fit the temperature of the model at ``model_path`` on ``ref`` (val tiles) and save it in its meta.
+
+    The tiles are fed as in training: the model's normalisation (``scenes``: each val scene's figures).
 
     The fit always starts from the saved weights' raw logits, so running it again (after a kill)
     gives the same temperature and file. Returns the temperature, the samples used and the val NLL
@@ -141,7 +150,8 @@ def calibrate_saved_model(params: Params, stores: dict, ref: TileRef, model_path
     model, meta = load_model(model_path)
     precision = params.train.precision
     device = pick_device(precision)
-    loader = make_loader(TileBatches(stores, ref, meta.task), params.evaluate.batch_size, 0, False, 0)
+    batches = TileBatches(stores, ref, meta.task, norm=meta.norm, scenes=scenes)
+    loader = make_loader(batches, params.evaluate.batch_size, 0, False, 0)
     expected = len(ref.tile) * (meta.tile_size**2 if meta.segmentation else 1)
     stride = max(1, math.ceil(expected / CALIBRATION_SAMPLES))
     logits, targets = collect_logits(prepare(model, device, precision), loader, device, precision, stride)

@@ -17,11 +17,13 @@ from tilepipe.fsutil import write_json, write_text
 from tilepipe.ml.calibration import CalibrationBins
 from tilepipe.ml.checkpoint import ModelMeta, load_model
 from tilepipe.ml.dataset import TileBatches, TileRef, make_loader, open_stores, select_tiles, split_members
+from tilepipe.ml.inputs import scene_scales
 from tilepipe.ml.loops import pick_device, predict_batches, prepare
 from tilepipe.ml.metrics import confusion, majority_baseline, summarize
 from tilepipe.ml.plots import plot_confusion
 from tilepipe.ml.uncertainty import scene_intervals, shown, with_intervals
 from tilepipe.params import Params
+from tilepipe.tiles.store import SceneTiles
 
 PIXEL_SAMPLE_STEP = 8  # segmentation plot data keeps every 8th pixel per axis of each tile
 
@@ -37,6 +39,18 @@ class TileScores:
     temperature: float = 1.0  # the model's (meta.temperature)
     uncalibrated: CalibrationBins = field(default_factory=CalibrationBins)  # softmax(logits)
     calibrated: CalibrationBins = field(default_factory=CalibrationBins)  # softmax(logits / temperature)
+
+
+def held_out_batches(
+    stores: dict[str, SceneTiles], ref: TileRef, members: dict[str, list[int] | None], meta: ModelMeta
+) -> TileBatches:
+    """The test tiles as the model takes them: its normalisation with its statistics.
+
+    ``scene`` normalisation uses each test scene's own figures, from that scene's tiles.
+    """
+    norm = meta.norm
+    scenes = scene_scales(stores, members) if norm.per_scene else None
+    return TileBatches(stores, ref, meta.task, norm=norm, scenes=scenes)
 
 
 def score_test_tiles(
@@ -59,7 +73,8 @@ def score_test_tiles(
         raise TilepipeError(f"{split_json}: the test split has no usable tile")
     device = pick_device(params.train.precision)
     model = prepare(model, device, params.train.precision)
-    loader = make_loader(TileBatches(stores, ref, task), params.evaluate.batch_size, 0, False, 0)
+    batches = held_out_batches(stores, ref, members, meta)
+    loader = make_loader(batches, params.evaluate.batch_size, 0, False, 0)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     cms = np.zeros((len(ref.scene_ids), n_classes, n_classes), np.int64)
     scores = TileScores(ref, cms, [], 0.0, meta.temperature)

@@ -27,7 +27,9 @@ def _loopback_env():
     )
 
 
-def launch_training(params: Params, tiles_dir: Path, split_json: Path, out_dir: Path) -> None:
+def launch_training(
+    params: Params, tiles_dir: Path, split_json: Path, out_dir: Path, stats_json: Path | None = None
+) -> None:
     """Run ``tilepipe train`` as ``train.nproc_per_node`` ranks; a failed rank is one clear error."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -49,6 +51,7 @@ def launch_training(params: Params, tiles_dir: Path, split_json: Path, out_dir: 
         params_file = Path(tmp) / "params.json"  # the params as given (overrides included), for every rank
         params_file.write_text(json.dumps(params.model_dump(mode="json")))
         paths = ["--tiles", str(tiles_dir), "--split", str(split_json), "--out", str(out_dir)]
+        paths += ["--stats", str(stats_json)] if stats_json is not None else []
         args = ["-m", "tilepipe", "train", "--params", str(params_file), *paths]
         try:
             elastic_launch(config, sys.executable)(*args)

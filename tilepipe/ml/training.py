@@ -44,6 +44,7 @@ from tilepipe.ml.distributed import (
 )
 from tilepipe.ml.epochs import end_epoch, finish
 from tilepipe.ml.finetune import frozen_body
+from tilepipe.ml.inputs import ModelInputs, training_inputs
 from tilepipe.ml.loops import keep_freed_memory, pick_device, prepare, score, train_epoch
 from tilepipe.ml.metrics import summarize
 from tilepipe.ml.models import Normalized, build_model
@@ -63,6 +64,7 @@ class TrainingData:
     tile_size: int
     stats: dict[str, list]
     counts: np.ndarray
+    inputs: ModelInputs  # normalisation, its statistics, scene figures, GSD range (tilepipe.ml.inputs)
 
 
 @dataclass
@@ -107,7 +109,7 @@ def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
 
 
 def run_key(params: Params, split_json: Path, tiles_dir: Path, ranks: Ranks | None = None) -> str:
-    """What a checkpoint must match to be resumed: train params, split, tile set (and process count)."""
+    """What a checkpoint must match to be resumed: train params, normalisation, split, tiles (and ranks)."""
     exclude = {"resume", "workers", "threads", "nproc_per_node"}
     train = params.train.model_dump(mode="json", exclude=exclude)
     world = {"world_size": ranks.world} if ranks else {}
@@ -115,14 +117,20 @@ def run_key(params: Params, split_json: Path, tiles_dir: Path, ranks: Ranks | No
         **world,
         "train": train,
         "seed": params.seed,
+        "normalize": params.bands.normalize,
         "split": file_sha256(split_json),
         "tiles": file_sha256(Path(tiles_dir) / "summary.json"),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def load_training_data(params: Params, tiles_dir: Path, split_json: Path) -> TrainingData:
-    """Open the stores of the train and val scenes and pick their usable tiles."""
+def load_training_data(
+    params: Params, tiles_dir: Path, split_json: Path, stats_json: Path | None = None
+) -> TrainingData:
+    """Open the stores of the train and val scenes and pick their usable tiles.
+
+    ``stats_json``: the analyze stage's statistics (computed here when ``bands.normalize`` needs them).
+    """
     tp = params.train
     members = {name: split_members(split_json, name) for name in ("train", "val")}
     stores = open_stores(tiles_dir, sorted({*members["train"], *members["val"]}))
@@ -132,9 +140,10 @@ def load_training_data(params: Params, tiles_dir: Path, split_json: Path) -> Tra
             raise TilepipeError(f"{split_json}: the {name} split has no usable tile (train.min_purity?)")
     refs["calibration"] = select_tiles(stores, members["val"], tp.task, 0.0)  # every labelled val tile
     tile_size = int(next(iter(stores.values())).index["tile_size"])
-    stats = band_statistics(stores, refs["train"])
+    inputs = training_inputs(params, tiles_dir, stores, members, stats_json)
+    stats = band_statistics(stores, refs["train"], norm=inputs.norm, scenes=inputs.scenes["train"])
     counts = class_counts(stores, refs["train"], tp.task, len(params.data.classes))
-    return TrainingData(stores, refs, tile_size, stats, counts)
+    return TrainingData(stores, refs, tile_size, stats, counts, inputs)
 
 
 def build_optimisation(params: Params, stats: dict, n_classes: int) -> tuple[nn.Module, Any, Any]:
@@ -170,8 +179,9 @@ def make_trainer(
     model = prepare(model, device, tp.precision)
     weight = class_weights(data.counts, tp.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device), ignore_index=-100)
-    train_data = TileBatches(data.stores, data.refs["train"], tp.task, augment=tp.augment)
-    val_data = TileBatches(data.stores, data.refs["val"], tp.task)
+    norm, scenes = data.inputs.norm, data.inputs.scenes
+    train_data = TileBatches(data.stores, data.refs["train"], tp.task, tp.augment, norm, scenes["train"])
+    val_data = TileBatches(data.stores, data.refs["val"], tp.task, norm=norm, scenes=scenes["val"])
     share = None
     if ranks is not None:
         share = RankBatchSampler(len(train_data), tp.batch_size, params.seed, ranks.rank, ranks.world)
@@ -274,6 +284,7 @@ def train(
     out_dir: Path,
     on_epoch: EpochHook | None = None,
     ranks: Ranks | None = None,
+    stats_json: Path | None = None,
 ) -> dict[str, Any]:
     """Train for ``train.epochs`` epochs (or until early stopping); keep the best epoch's model.
 
@@ -282,7 +293,7 @@ def train(
     """
     tp = params.train
     device = start_ranks(ranks, tp.batch_size, tp.threads, tp.precision) if ranks else None
-    data = load_training_data(params, tiles_dir, split_json)
+    data = load_training_data(params, tiles_dir, split_json, stats_json)
     keep_freed_memory()
     trainer = make_trainer(params, data, ranks, device)
     main = ranks is None or ranks.main

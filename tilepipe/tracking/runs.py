@@ -158,6 +158,11 @@ def log_training_files(model_dir: Path) -> None:
             mlflow.log_artifact(str(model_dir / name), artifact_path="training")
 
 
+def log_band_stats(stats_json: Path) -> None:
+    """Log the training tiles' band statistics (the analyze stage's file) under ``training/``."""
+    connected_mlflow().log_artifact(str(stats_json), artifact_path="training")
+
+
 def log_trained_model(model_dir: Path) -> dict[str, str]:
     """Log the training artifacts and the best model (with signature and input example)."""
     import mlflow.pytorch  # noqa: F401 - registers the flavour on the mlflow module
