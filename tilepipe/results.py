@@ -80,7 +80,8 @@ def results_markdown(
 
 def cv_label(cv: dict[str, Any]) -> str:
     """The cross-validation row's label: folds and scenes (``tilepipe cv`` wrote ``metrics/cv.json``)."""
-    return f"tiles, {cv['folds']}-fold scene cross-validation ({cv['scenes']} scenes): mean [95 % interval]"
+    epochs = f", {cv['epochs']} epochs" if cv.get("epochs") else ""
+    return f"tiles, {cv['folds']}-fold scene cross-validation ({cv['scenes']} scenes{epochs}): mean [95 % CI]"
 
 
 def _fold_figure(cv: dict[str, Any], key: str) -> str:
