@@ -124,7 +124,8 @@ def test_cv_tests_every_scene_once_and_summarises_the_folds(cv_run: dict) -> Non
         assert low <= cv_run["pooled"][key] <= high
     # the README's results table reads cv.json as written (tilepipe/results.py)
     epochs = cv_run["epochs"]
-    assert cv_label(cv_run) == f"tiles, 3-fold scene cross-validation (6 scenes, {epochs} epochs): mean [95 % CI]"
+    want = f"tiles, 3-fold scene cross-validation (6 scenes, {epochs} epochs): mean [95 % CI]"
+    assert cv_label(cv_run) == want
 
 
 def test_cv_logs_a_parent_run_with_one_child_per_fold(cv_run: dict, workspace: Path) -> None:
