@@ -54,6 +54,10 @@ def is_transient_read_error(exc: BaseException) -> bool:
     return any(needle.lower() in text for text in chain for needle in TRANSIENT_READ)
 
 
+class ReadInterrupted(TilepipeError):
+    """A read that failed on the way (network, server): one line for a user, and a retry can help."""
+
+
 class StoreUnavailable(OSError):  # noqa: N818 - it reads as what happened
     """A remote read failed and the store does not answer now: a retry of the scene can help."""
 

@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from tilepipe.errors import TilepipeError, bad_file
 from tilepipe.geo.raster_io import Grid, gdal_env
+from tilepipe.geo.read_errors import ReadInterrupted, is_transient_read_error
 from tilepipe.geo.remote import as_location
 from tilepipe.mapping.blend import Strip, cell_grid_shape, classify_strips, segment_plan, segment_strips
 from tilepipe.mapping.scene import SceneView, open_scene, output_grid
+from tilepipe.mapping.stats import MapStats
 from tilepipe.mapping.writer import MapWriter, write_cog
 from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.params import Params
@@ -72,8 +74,16 @@ def predict_scene(
     output: Path | str,
     probabilities: bool = False,
     bands: str | dict[str, int] | None = None,
+    confidence: bool = False,
+    stats: bool = False,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each."""
+    """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each.
+
+    ``confidence`` adds the top-class probability as band 2; ``stats`` adds the map's class areas,
+    nodata share and mean confidence (:class:`tilepipe.mapping.stats.MapStats`) to the summary.
+    A read that failed on the way is :class:`ReadInterrupted` (a retry can help); ``quiet``: no line.
+    """
     scene, output = as_location(scene), Path(output)
     if isinstance(scene, Path) and output.resolve() == scene.resolve():
         raise bad_file(output, "output would overwrite the input scene")
@@ -92,21 +102,29 @@ def predict_scene(
                 unit="window",
                 disable=not sys.stderr.isatty(),
             )
-            writer = MapWriter(strips_file, out_grid, meta, probabilities)
+            writer = MapWriter(strips_file, out_grid, meta, probabilities, confidence)
+            counted = MapStats(out_grid, len(meta.classes)) if stats else None
+            with_probs = probabilities or confidence or stats
             try:
-                for strip in predict_strips(params, model, meta, opened, bar.update, probabilities):
+                for strip in predict_strips(params, model, meta, opened, bar.update, with_probs):
+                    if counted is not None:
+                        counted.add(strip)  # before the writer scales the probabilities in place
                     writer.add(strip)
             finally:
                 writer.close()
                 bar.close()
             write_cog(strips_file, output)
     except RasterioError as exc:
-        raise TilepipeError(f"{scene}: read or write failed ({str(exc).splitlines()[0]})") from None
+        problem = f"{scene}: read or write failed ({str(exc).splitlines()[0]})"
+        raise (ReadInterrupted if is_transient_read_error(exc) else TilepipeError)(problem) from None
     finally:
         strips_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     summary = _summary(meta, scene, output, opened.grid, out_grid, total, seconds, writer.counts)
-    print(summary["line"], flush=True)
+    if counted is not None:
+        summary["stats"] = {**counted.result(), "scene_pixels": opened.grid.width * opened.grid.height}
+    if not quiet:
+        print(summary["line"], flush=True)
     return summary
 
 

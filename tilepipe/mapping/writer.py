@@ -19,15 +19,28 @@ BLOCK = 256  # rows and columns of the intermediate GeoTIFF's blocks; rows are w
 PROB_MAX = 254  # probability bands: round(p * 255), capped at 254 because 255 is the nodata value
 
 
+def top_class_confidence(probs: np.ndarray) -> np.ndarray:
+    """The confidence band of a strip: the top class's softmax probability x 255 as uint8 (at most 254).
+
+    The one place a map's confidence is computed (a calibrated model would scale ``probs`` here).
+    255 is the map's nodata value, as in the probability bands.
+    """
+    top = probs.max(axis=0)
+    return np.minimum(np.rint(top * 255), PROB_MAX).astype(np.uint8)
+
+
 class MapWriter:
     """Writes strips into a tiled GeoTIFF, only ever whole block rows, so no block is written twice."""
 
-    def __init__(self, path: Path, grid: Grid, meta: ModelMeta, probabilities: bool) -> None:
+    def __init__(
+        self, path: Path, grid: Grid, meta: ModelMeta, probabilities: bool, confidence: bool = False
+    ) -> None:
         classes = list(meta.classes)
-        self.probabilities = probabilities
+        self.probabilities, self.confidence = probabilities, confidence
+        first_prob = 3 if confidence else 2  # band 1 class, [band 2 confidence], then a band per class
         self.dst = rasterio.open(
             path, "w", driver="GTiff", width=grid.width, height=grid.height,
-            count=1 + (len(classes) if probabilities else 0), dtype="uint8", nodata=NODATA,
+            count=first_prob - 1 + (len(classes) if probabilities else 0), dtype="uint8", nodata=NODATA,
             crs=grid.crs, transform=grid.transform, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
             compress="zstd", BIGTIFF="IF_SAFER",
         )  # fmt: skip
@@ -39,11 +52,15 @@ class MapWriter:
         )
         self.dst.set_band_description(1, "class")
         self.dst.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(classes)})
+        if confidence:
+            self.dst.set_band_description(2, "confidence")
+            scale = f"top-class probability: value / 255, at most {PROB_MAX}"
+            self.dst.update_tags(2, PROBABILITY_SCALE=scale)
         for i, name in enumerate(classes):
             if probabilities:
-                self.dst.set_band_description(i + 2, name)
-                self.dst.update_tags(i + 2, PROBABILITY_SCALE=f"value / 255, at most {PROB_MAX}")
-        if not probabilities:
+                self.dst.set_band_description(i + first_prob, name)
+                self.dst.update_tags(i + first_prob, PROBABILITY_SCALE=f"value / 255, at most {PROB_MAX}")
+        if not probabilities and not confidence:  # a colour table needs a one-band file
             self.dst.write_colormap(1, dict(enumerate(class_colours(classes))))
         self.row = 0
         self.pending: list[np.ndarray] = []
@@ -52,6 +69,10 @@ class MapWriter:
     def add(self, strip: Strip) -> None:
         """Queue finished rows; write every complete block row."""
         bands = [strip.classes[None]]
+        if self.confidence and strip.probs is not None:
+            band = top_class_confidence(strip.probs)
+            band[strip.classes == NODATA] = NODATA
+            bands.append(band[None])
         if self.probabilities and strip.probs is not None:
             probs = np.multiply(strip.probs, 255, out=strip.probs)  # in place: strips are not reused
             bands.append(np.minimum(np.rint(probs, out=probs), PROB_MAX, out=probs).astype(np.uint8))
