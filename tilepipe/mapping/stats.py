@@ -70,7 +70,7 @@ class MapStats:
         self.areas = PixelAreas(grid)
         self.cells = np.zeros(256, dtype=np.int64)
         self.area_m2 = np.zeros(256, dtype=np.float64)
-        self.confidence_sum = 0.0
+        self.confidence_sum: float | None = None  # None until a strip comes with its probabilities
 
     def add(self, strip: Strip) -> None:
         """Count a strip (before the writer scales its probabilities in place)."""
@@ -85,7 +85,8 @@ class MapStats:
             row = stop
         if strip.probs is not None:
             mapped = strip.classes != NODATA
-            self.confidence_sum += float(strip.probs.max(axis=0)[mapped].sum(dtype=np.float64))
+            top = float(strip.probs.max(axis=0)[mapped].sum(dtype=np.float64))
+            self.confidence_sum = (self.confidence_sum or 0.0) + top
 
     def result(self) -> dict[str, float | list[float] | int]:
         """Per class cells and hectares (index order), nodata cells and share, mean top-class probability."""
@@ -97,5 +98,7 @@ class MapStats:
             "class_hectares": [round(float(v), 4) for v in hectares],
             "nodata_cells": total - mapped,
             "nodata_fraction": round(1 - mapped / max(total, 1), 6),
-            "mean_confidence": round(self.confidence_sum / mapped, 6) if mapped else None,
+            "mean_confidence": None
+            if not mapped or self.confidence_sum is None
+            else round(self.confidence_sum / mapped, 6),
         }
