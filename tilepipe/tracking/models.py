@@ -18,6 +18,7 @@ from tilepipe.tracking.fetch import (
     Prefetch,
     download_weights,
     failure,
+    fetch,
     identify,
     is_mlflow_spec,
     mlflow_client,
@@ -125,18 +126,23 @@ def model_file(
     A path is the file itself; an MLflow model's weights are copied into ``cache/<sha256>.pt`` (a
     run logged without its weights file: the model rebuilt from MLflow and saved there).
     """
-    described = describe_model(spec, prefetch)
     text = str(spec).strip()
     if not is_mlflow_spec(text):
         path = Path(text) / "model.pt" if Path(text).is_dir() else Path(text)
         if not path.is_file():
             raise TilepipeError(f"{text}: no such model file, and not models:/NAME@ALIAS or an MLflow run id")
         _load(path)  # not a tilepipe model: one line now, not one per scene
-        return path.resolve(), {**described, "sha256": file_sha256(path)}
-    fetched = prefetch.path() if prefetch is not None else None
+        return path.resolve(), {**describe_model(spec), "sha256": file_sha256(path)}
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".weights-", dir=cache) as folder:
-        if fetched is None:
+        if prefetch is not None:
+            fetched, described = prefetch.path(), describe_model(spec, prefetch)
+        else:  # in this process: the same answer as the helper's
+            answer = fetch(text, Path(folder))
+            if answer.get("error"):
+                raise TilepipeError(answer["error"])
+            fetched, described = answer["path"] and Path(answer["path"]), answer["model"]
+        if fetched is None:  # a run logged before its weights file was
             model, meta = resolve_model(text)
             fetched = Path(folder) / "model.pt"
             save_model(fetched, model, meta)
