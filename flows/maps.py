@@ -62,7 +62,9 @@ def plan_task(
 @step(name="map", retries=3, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_map)
 def map_task(job: MapJob, params: Params, model: ModelRef, out: str, options: MapOptions) -> dict[str, Any]:
     """Map one scene into ``out`` (on whichever worker runs it); its summary row."""
-    return map_job(job, params, model, open_store(out), options)
+    from prefect.runtime import task_run
+
+    return map_job(job, params, model, open_store(out), options, again=task_run.run_count > 1)
 
 
 @step(name="finish-maps")

@@ -341,3 +341,50 @@ def test_an_s3_prefix_is_mapped_into_a_bucket(tmp_path, s3, capsys):
     client.upload_file(str(folder / "s0.tif"), "archive", "scenes/2024/s0.tif")
     assert run_map("s3://archive/scenes/", "--model", str(model), "--out", out) == 0
     assert "1 mapped (2024_s0), 2 current (2024_s1 2024_s2)" in capsys.readouterr().out
+
+
+def test_an_s3_outage_while_mapping_is_retried(tmp_path, monkeypatch, capsys):
+    import threading
+
+    import tilepipe.mapping.archive as archive
+    import tilepipe.stages.map as stage
+    from tests.prefect_server import free_port
+    from tests.s3_server import S3Server
+
+    folder, model, out = tmp_path / "archive", make_model(tmp_path / "model.pt"), tmp_path / "maps"
+    make_archive(folder, n=2)
+    server = S3Server(free_port(), tmp_path / "moto.log", auth=False)  # any key: it restarts on its port
+
+    def put() -> None:
+        server.client().create_bucket(Bucket="outage")
+        for i in range(2):
+            server.client().upload_file(str(folder / f"s{i}.tif"), "outage", f"scenes/s{i}.tif")
+
+    def back_soon() -> None:  # up again, with its objects, well before the retry
+        time.sleep(1)
+        server.start()
+        put()
+
+    planned, restart = stage.plan, threading.Thread(target=back_soon)
+
+    def plan_then_outage(*args, **kwargs):  # the scenes are listed, then the store goes away for a while
+        jobs = planned(*args, **kwargs)
+        server.stop()
+        restart.start()
+        return jobs
+
+    server.start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        put()
+        monkeypatch.setattr(stage, "plan", plan_then_outage)
+        monkeypatch.setattr(archive, "RETRY_DELAYS_S", (8.0, 8.0, 8.0))  # moto restarts without its objects
+        assert run_map("s3://outage/scenes/", "--model", str(model), "--out", str(out)) == 0
+    finally:
+        if restart.is_alive() or restart.ident is not None:
+            restart.join(timeout=120)
+        server.stop()
+    printed = capsys.readouterr().out
+    assert "map: s0: s3://outage/scenes/s0.tif: " in printed and "; trying again in 8 s" in printed
+    assert "2 mapped (s0 s1)" in printed

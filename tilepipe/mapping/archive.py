@@ -19,7 +19,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,14 @@ from rasterio.errors import RasterioError
 
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import file_sha256
-from tilepipe.geo.read_errors import ReadInterrupted, describe_error, is_transient_read_error
+from tilepipe.geo.raster_io import gdal_env, open_raster
+from tilepipe.geo.read_errors import (
+    ReadInterrupted,
+    StoreUnavailable,
+    describe_error,
+    is_transient_read_error,
+)
+from tilepipe.geo.remote import is_remote, remote_stat
 from tilepipe.geo.scene_row import naming_origin
 from tilepipe.mapping.outputs import LocalStore, S3Store
 from tilepipe.mapping.predict import predict_scene
@@ -138,9 +147,13 @@ def loaded(model: ModelRef) -> tuple[Any, ModelMeta]:
 
 
 def map_job(
-    job: MapJob, params: Params, model: ModelRef, store: LocalStore | S3Store, options: MapOptions
-) -> dict[str, Any]:
-    """Map one scene under its lock; its summary row (``mapped``, ``current`` or ``busy``)."""
+    job: MapJob, params: Params, model: ModelRef, store: LocalStore | S3Store, options: MapOptions,
+    again: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Map one scene under its lock; its summary row (``mapped``, ``current`` or ``busy``).
+
+    ``again``: a retry after a fault on the way (see :func:`_reconnect`).
+    """
     scene, started = job.scene, time.perf_counter()
     with store.lock(scene.scene_id) as held:
         if not held:
@@ -150,7 +163,9 @@ def map_job(
         if item is not None and item["properties"].get(KEY) == job.key:
             return item_row(item, "current")  # another run mapped it since the plan
         net, meta = loaded(model)
-        with naming_origin(as_row(scene)), store.writing(scene.scene_id) as tmp:
+        if again and is_remote(scene.image):
+            _reconnect(scene.image, params.tile.gdal_cache_mb)
+        with _store_outage(scene), naming_origin(as_row(scene)), store.writing(scene.scene_id) as tmp:
             output = tmp / f"{scene.scene_id}.tif"
             bands = model_bands(scene, params.tile.gdal_cache_mb)
             summary = predict_scene(params, net, meta, scene.image, output, options.probabilities, bands,
@@ -158,6 +173,41 @@ def map_job(
             item = archive_item(output, scene, meta, model, job.key, summary["stats"], options, store)
             _hold_for_test(scene.scene_id, tmp)
     return {**item_row(item, "mapped"), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _reconnect(uri: Path | str, cache_mb: int) -> None:
+    """Open the remote scene once and let a failure go, before a retry.
+
+    After an outage GDAL's first open of the file fails once more (seen with a restarted S3 server:
+    the file is taken for one in no known format), the next one works; the map's own open then says
+    whatever is still wrong.
+    """
+    try:
+        with gdal_env(cache_mb), open_raster(uri):
+            pass
+    except TilepipeError:
+        pass
+
+
+@contextmanager
+def _store_outage(scene: ArchiveScene) -> Iterator[None]:
+    """A remote scene not opened for a fault on the way: StoreUnavailable, which a retry can mend.
+
+    GDAL says so (a curl error, a refused connection), or the store does not answer now.
+    """
+    try:
+        yield
+    except TilepipeError as exc:
+        if isinstance(exc, ReadInterrupted) or not is_remote(scene.image):
+            raise
+        if is_transient_read_error(exc):
+            raise StoreUnavailable(str(exc)) from None
+        try:
+            remote_stat(str(scene.image))
+        except TilepipeError as down:
+            if "does not answer" in str(down):
+                raise StoreUnavailable(str(exc)) from None
+        raise
 
 
 def _hold_for_test(scene_id: str, folder: Path) -> None:
@@ -184,12 +234,14 @@ def map_with_retries(
 ) -> dict[str, Any]:
     """:func:`map_job`, a transient failure retried after 2, 4 and 8 s; any failure is a ``failed`` row."""
     started = time.perf_counter()
-    for delay in (*RETRY_DELAYS_S, None):
+    for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
         try:
-            return map_job(job, params, model, store, options)
+            return map_job(job, params, model, store, options, again=attempt > 0)
         except Exception as exc:  # noqa: BLE001 - a scene's failure is its row; the others go on
             if delay is None or not is_transient(exc):
                 return failed_row(job.scene, describe_error(exc), time.perf_counter() - started)
+            problem = describe_error(exc)
+            print(f"map: {job.scene.scene_id}: {problem}; trying again in {delay:.0f} s", flush=True)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
