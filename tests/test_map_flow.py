@@ -178,3 +178,25 @@ print(register(run, {{"macro_f1": 0.5}}, params, Path("split.json")))
     cmd = [sys.executable, "-c", script]
     done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "'champion': True" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_killed_flow_process_leaves_nothing_half_and_the_rerun_ends_byte_identical(tmp_path, archive):
+    catalog, model, reference = archive
+    out = catalog.parent.parent / "killed-flow"
+    sets = [x for s in overrides(catalog, model, out, "tile.workers=1") for x in ("--set", s)]
+    cmd = [str(BIN / "tilepipe"), "flow", "map", "--params", PARAMS, *sets]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    log = tmp_path / "flow.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, HOLD_MAP: "s1"}, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_until(lambda: any(out.glob(".s1.*.tmp/held")), 240, "s1 held", log.read_text)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / "s1").exists() and not (out / "collection.json").exists()
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tree(out) == reference
+    assert not list(out.glob(".s1.*"))
