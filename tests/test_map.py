@@ -388,3 +388,35 @@ def test_an_s3_outage_while_mapping_is_retried(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "map: s0: s3://outage/scenes/s0.tif: " in printed and "; trying again in 8 s" in printed
     assert "2 mapped (s0 s1)" in printed
+
+
+def test_s3_locks_are_exclusive_and_a_dead_holders_lock_is_taken_over(s3):
+    import socket
+
+    from tilepipe.mapping.outputs import S3Store
+    from tilepipe.services.procs import start_time
+
+    s3.client().create_bucket(Bucket="locks")
+    store = S3Store("s3://locks/maps/")
+    with store.lock("s0") as first:
+        assert first
+        with store.lock("s0") as second:
+            assert not second  # held by a live process (this one)
+        with store.lock("s1") as other:
+            assert other
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)  # fmt: skip
+    holder = {"host": socket.gethostname(), "pid": int(gone.stdout), "started": "1"}
+    holder["expires"] = time.time() + 600
+    s3.client().put_object(Bucket="locks", Key="maps/.locks/s0", Body=json.dumps(holder).encode())
+    with store.lock("s0") as taken:
+        assert taken  # its holder has exited: a kill -9 leaves no lock behind for long
+    alive = {**holder, "pid": os.getpid(), "started": start_time(os.getpid())}
+    s3.client().put_object(Bucket="locks", Key="maps/.locks/s0", Body=json.dumps(alive).encode())
+    with store.lock("s0") as refused:
+        assert not refused
+    elsewhere = {**holder, "host": "another-host", "expires": time.time() - 1}  # a lease that ran out
+    s3.client().put_object(Bucket="locks", Key="maps/.locks/s0", Body=json.dumps(elsewhere).encode())
+    with store.lock("s0") as expired:
+        assert expired
+    assert "Contents" not in s3.client().list_objects_v2(Bucket="locks", Prefix="maps/.locks/")

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import atomic_dir, write_text
 from tilepipe.geo import objects
 from tilepipe.services.procs import start_time
@@ -175,7 +176,10 @@ class S3Store:
 
     def _renew(self, uri: str, stop: threading.Event) -> None:
         while not stop.wait(LEASE_S / 4):
-            objects.write_object(uri, json.dumps(self._holder()).encode(), "application/json")
+            try:
+                objects.write_object(uri, json.dumps(self._holder()).encode(), "application/json")
+            except TilepipeError:  # the store is away for now: the lease runs on, the next renewal may do
+                pass
 
     @contextmanager
     def writing(self, scene_id: str) -> Iterator[Path]:
