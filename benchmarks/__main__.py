@@ -19,6 +19,7 @@ from benchmarks import (
     dask_tiling,
     datapath,
     ddp,
+    maps,
     memory,
     orchestration,
     remote,
@@ -41,6 +42,7 @@ BENCHMARKS = {
     "startup": startup.run,
     "remote": remote.run,
     "dask": dask_tiling.run,
+    "maps": maps.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
 ON_REQUEST = {"seeds": seeds.run}
