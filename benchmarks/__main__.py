@@ -20,6 +20,7 @@ from benchmarks import (
     dask_tiling,
     datapath,
     ddp,
+    maps,
     memory,
     normalization,
     orchestration,
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "startup": startup.run,
     "remote": remote.run,
     "dask": dask_tiling.run,
+    "maps": maps.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here;
 # `pretrain`: a pretraining and two small studies (docs/pretrained.md); `normalization`: 18 full

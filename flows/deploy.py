@@ -1,4 +1,4 @@
-"""Prefect deployments of the pipeline flow, nightly and on demand: served or run by workers.
+"""Prefect deployments of the pipeline flow, nightly and on demand, and map-nightly: served or run by workers.
 
 ``tilepipe serve`` serves them from its own process; ``tilepipe deploy`` registers them to a process
 work pool whose ``prefect worker`` processes run them.
@@ -17,6 +17,7 @@ from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
 from tilepipe.errors import TilepipeError
+from tilepipe.flows.maps import map_deployment
 from tilepipe.flows.pipeline import pipeline
 from tilepipe.flows.settings import check_api, prefect_settings
 from tilepipe.params import Params, load_params
@@ -62,7 +63,8 @@ def serve(
     params = load_params(params_path, overrides)
     check_api()
     with prefect_settings():
-        prefect.serve(*deployments(params_path, overrides, cron or nightly_cron(params)), limit=1)
+        items = deployments(params_path, overrides, cron or nightly_cron(params))
+        prefect.serve(*items, map_deployment(params_path, overrides, params.map.cron), limit=1)
 
 
 def deploy(
@@ -71,7 +73,7 @@ def deploy(
     pool: str = DEFAULT_POOL,
     workdir: Path | None = None,
 ) -> Path:
-    """Register both deployments to the process work pool ``pool`` (created if missing); returns workdir.
+    """Register the three deployments to the process work pool ``pool`` (created if missing); returns workdir.
 
     A `prefect worker start --pool POOL` process then runs each flow run in a subprocess whose
     working directory is ``workdir`` (default: this one), the project folder on the worker's machine.
@@ -82,7 +84,9 @@ def deploy(
     folder = (workdir or Path.cwd()).resolve()
     with prefect_settings():
         ensure_pool(pool)
-        items = deployments(params_path, overrides, nightly_cron(params), {"working_dir": str(folder)})
+        job = {"working_dir": str(folder)}
+        items = deployments(params_path, overrides, nightly_cron(params), job)
+        items.append(map_deployment(params_path, overrides, params.map.cron, job))
         prefect.deploy(
             *items, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
             ignore_warnings=True,

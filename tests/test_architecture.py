@@ -72,7 +72,7 @@ def test_stages_and_paths_are_the_wiring(graph):
         unknown = sorted(p for p in paths if not covered(p, sorted(known)))
         assert not unknown, f"stage {name}: {unknown} not in tilepipe/wiring.py"
     stage_modules = {m.rsplit(".", 1)[1] for m in graph.find_children("tilepipe.stages")}
-    assert stage_modules == {*wiring.STAGES, "study", "cv"}
+    assert stage_modules == {*wiring.STAGES, "study", "cv", "map"}
 
 
 def test_every_library_module_is_under_the_layering_contract(graph):

@@ -108,6 +108,27 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
             prefetch.close()
 
 
+@command("map", "map every scene of an archive (catalog, folder or s3:// prefix) exactly once")
+def _map(params: Params, args: argparse.Namespace) -> None:
+    from tilepipe.tracking.fetch import Prefetch, is_mlflow_spec
+
+    spec = args.model or params.map.model or f"models:/{params.track.model_name}@champion"
+    prefetch = Prefetch(spec) if is_mlflow_spec(spec) else None  # MLflow answers while torch imports
+    try:
+        from tilepipe.mapping.archive import MapOptions
+        from tilepipe.stages.map import map_archive
+
+        mp = params.map
+        options = MapOptions(args.probabilities or mp.probabilities, args.confidence or mp.confidence)
+        done = map_archive(params, args.catalog, spec, args.out, options, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    if done["failed"]:
+        failed, total = done["failed"], done["scenes"]
+        raise TilepipeError(f"{failed} of {total} scene(s) failed (see above and summary.csv)")
+
+
 @command("catalog", "check a CSV or STAC catalog's scenes without tiling; --params proposes data: and bands:")
 def _catalog(params: Params, args: argparse.Namespace) -> None:
     import yaml
@@ -144,12 +165,14 @@ def _catalog(params: Params, args: argparse.Namespace) -> None:
     print(f"catalog: wrote the data: and bands: sections of {target} ({classes} classes)")
 
 
-@command("flow", "run the whole pipeline (or `flow study`, `flow cv`) as a Prefect flow")
+@command("flow", "run the whole pipeline (or `flow study`, `flow cv`, `flow map`) as a Prefect flow")
 def _flow(params: Params, args: argparse.Namespace) -> None:
     if args.flow == "study":
         from tilepipe.flows.study import run_study_flow as run
     elif args.flow == "cv":
         from tilepipe.flows.cv import run_cv_flow as run
+    elif args.flow == "map":
+        from tilepipe.flows.maps import run_map_flow as run
     else:
         from tilepipe.flows.pipeline import run_pipeline as run
     run(args.params, args.overrides)
@@ -167,7 +190,7 @@ def _deploy(params: Params, args: argparse.Namespace) -> None:
     from tilepipe.flows.deploy import deploy
 
     folder = deploy(args.params, args.overrides, args.pool, args.workdir)
-    names = "tilepipe/nightly and tilepipe/on-demand"
+    names = "tilepipe/nightly, tilepipe/on-demand and map-archive/map-nightly"
     print(f"deploy: {names} registered to work pool {args.pool!r}; flow runs work in {folder}")
     print(f"deploy: start a worker with `prefect worker start --pool {args.pool} --limit 1`")
 
@@ -278,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 NO_PARAMS = {"services"}  # commands that run without a params file
-TORCH_COMMANDS = {"train", "evaluate", "predict", "flow", "serve", "study", "cv"}
+TORCH_COMMANDS = {"train", "evaluate", "predict", "flow", "serve", "study", "cv", "map"}
 
 
 def configure_process(params: Params, command_name: str) -> None:

@@ -88,6 +88,17 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
         ),
     ),
+    "map": lambda s: (
+        s.add_argument("catalog", type=as_location, nargs="?", default=None,
+                       help="CSV or STAC catalog, folder or s3://bucket/prefix/ of GeoTIFFs "
+                       "(default: map.catalog, else data.catalog)"),
+        s.add_argument("--model", default=None, help="model.pt, a models folder, models:/NAME@ALIAS or "
+                       "runs:/... (default: map.model, else models:/<track.model_name>@champion)"),
+        s.add_argument("--out", type=as_location, default=None, metavar="DIR",
+                       help="a folder or s3://bucket/prefix/ (default: map.out)"),
+        s.add_argument("--probabilities", action="store_true", help="add a probability band per class"),
+        s.add_argument("--confidence", action="store_true", help="add the top class's probability as band 2"),
+    ),  # fmt: skip
     "report": lambda s: (
         _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json",
                    cv=w.METRICS / "cv.json"),
@@ -135,6 +146,7 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         s.add_argument("--dir", type=Path, default=Path(".services"), help="its folder (default: .services)"),
     ),
     "flow": lambda s: s.add_argument(
-        "flow", nargs="?", choices=["pipeline", "study", "cv"], default="pipeline", help="(default: pipeline)"
+        "flow", nargs="?", choices=["pipeline", "study", "cv", "map"], default="pipeline",
+        help="(default: pipeline; map: the map-archive flow on map.* of params)",
     ),
 }

@@ -295,6 +295,24 @@ class OrchestrateParams(Section):
         return self
 
 
+class MapParams(Section):
+    """Mapping an archive (``tilepipe map``, the ``map-nightly`` deployment): what, with what, where, when."""
+
+    catalog: str | None = None  # CSV / STAC catalog, folder or s3://bucket/prefix/; None: data.catalog
+    out: str = Field(default="maps", min_length=1)  # a local folder or s3://bucket/prefix/
+    model: str | None = None  # model.pt, models folder, models:/NAME@ALIAS, runs:/...; None: the champion
+    cron: str = "0 4 * * *"  # the map-nightly deployment (UTC)
+    probabilities: bool = False
+    confidence: bool = False
+
+    @field_validator("out")
+    @classmethod
+    def _local_or_s3(cls, out: str) -> str:
+        if "://" in out and not out.startswith("s3://"):
+            raise ValueError("maps go to a local folder or an s3://bucket/prefix/")
+        return out
+
+
 class TrackParams(Section):
     """MLflow experiment, registered model name and the metric that crowns a champion."""
 
@@ -325,6 +343,7 @@ class Params(Section):
     orchestrate: OrchestrateParams = OrchestrateParams()
     study: StudyParams = StudyParams()
     cv: CvParams = CvParams()
+    map: MapParams = MapParams()
 
     @model_validator(mode="after")
     def _unet_tile_size(self) -> Params:

@@ -28,18 +28,20 @@ def read_catalog(
     image_asset: str | None = None,
     labels_asset: str | None = None,
     use_geometry: bool = False,
+    labels: bool = True,
 ) -> list[CatalogRow]:
     """Read and check a CSV or STAC catalog; any problem is one error naming the file.
 
     ``use_geometry``: a STAC item's geometry is its scene's area of interest.
+    ``labels=False`` (mapping an archive): labels are neither needed nor read; rows have labels "".
     """
     path = Path(path)
     if problem := input_problem(path, missing="catalog not found"):
         raise bad_file(path, problem)
     if is_stac(path):
-        return read_stac(path, image_asset, labels_asset, use_geometry)
+        return read_stac(path, image_asset, labels_asset, use_geometry, labels)
     try:
-        return _check_rows(path, _read_rows(path))
+        return _check_rows(path, _read_rows(path, labels), labels)
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise bad_file(
@@ -47,14 +49,15 @@ def read_catalog(
         ) from None
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def _read_rows(path: Path, labels: bool = True) -> list[dict[str, str]]:
     """The catalog's rows as stripped strings, after checking the header and each row's width."""
+    required = REQUIRED if labels else REQUIRED[:2]
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED if c not in columns]
+        missing = [c for c in required if c not in columns]
         if missing:
-            raise bad_file(path, f"catalog lacks column(s) {', '.join(missing)} (needs {','.join(REQUIRED)})")
+            raise bad_file(path, f"catalog lacks column(s) {', '.join(missing)} (needs {','.join(required)})")
         rows = []
         for record in reader:
             if None in record:  # csv puts fields past the header under None
@@ -68,7 +71,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _check_rows(path: Path, rows: list[dict[str, str]]) -> list[CatalogRow]:
+def _check_rows(path: Path, rows: list[dict[str, str]], labels: bool = True) -> list[CatalogRow]:
     """Catalog rows checked one by one: ids, splits, files; paths relative to the catalog's folder."""
     if not rows:
         raise bad_file(path, "catalog lists no scenes")
@@ -88,14 +91,14 @@ def _check_rows(path: Path, rows: list[dict[str, str]]) -> list[CatalogRow]:
         split = row.get("split") or None
         if split is not None and split not in SPLITS:
             raise bad_file(path, f"line {line}: split {split!r} must be one of {', '.join(SPLITS)}")
-        for column in ("image", "labels"):
+        for column in ("image", "labels") if labels else ("image",):
             if not row[column]:
                 raise bad_file(path, f"line {line}: scene {scene_id!r} has no {column}")
         out.append(
             CatalogRow(
                 scene_id=scene_id,
                 image=beside(base, row["image"]),
-                labels=beside(base, row["labels"]),
+                labels=beside(base, row["labels"]) if labels else "",
                 split=split,
                 bands=row.get("bands") or None,
                 aoi=beside(base, row["aoi"]) if row.get("aoi") else None,

@@ -90,6 +90,10 @@ def is_transient_read_error(exc: BaseException) -> bool:
     return network_fault(exc) is not None
 
 
+class ReadInterrupted(TilepipeError):
+    """A read that failed on the way (network, server): one line for a user, and a retry can help."""
+
+
 def read_remote_again(location: str, exc: RasterioError, read: Callable[[], T]) -> T:
     """After GDAL failed to read part of a remote file (its own HTTP retries spent), ask the store.
 

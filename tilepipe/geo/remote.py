@@ -13,6 +13,8 @@ the ETag, the size and the last-modified time the server sends (docs/team-setup.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -128,7 +130,8 @@ class RemoteStat:
         return f"etag:{self.etag};size:{self.size};modified:{self.modified}"
 
 
-def _s3_client():
+def s3_client():
+    """A boto3 S3 client for the endpoint of the environment, with bounded timeouts and retries."""
     import boto3
     from botocore.config import Config
 
@@ -136,8 +139,17 @@ def _s3_client():
     return boto3.client("s3", endpoint_url=s3_endpoint_url(), config=config)
 
 
-def _s3_call(uri: str, call: str):
-    """Run an S3 request on the object of ``uri``; any failure is one line naming the URI.
+def s3_call(uri: str, call: str, **extra):
+    """Run an S3 request on the object of ``uri``; any failure is one line naming the URI."""
+    parts = urlsplit(uri)
+    client = s3_client()
+    with s3_errors(uri, client):
+        return getattr(client, call)(Bucket=parts.netloc, Key=parts.path.lstrip("/"), **extra)
+
+
+@contextmanager
+def s3_errors(uri: str, client) -> Iterator[None]:
+    """Turn a failed S3 request about ``uri`` into one line naming it (never the credentials).
 
     A store that does not answer, times out, throttles or fails (5xx) after boto3's own retries
     raises :class:`StoreUnavailable`; a missing object or a denied key, a plain TilepipeError.
@@ -151,15 +163,13 @@ def _s3_call(uri: str, call: str):
     )
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    parts = urlsplit(uri)
-    client = _s3_client()
     try:
-        return getattr(client, call)(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+        yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in BUSY_S3_CODES:
             raise StoreUnavailable(f"{shown(uri)}: the store is busy (S3 error {code})") from None
-        if code in ("404", "NoSuchKey") and not _bucket_exists(client, parts.netloc):
+        if code in ("404", "NoSuchKey") and not _bucket_exists(client, urlsplit(uri).netloc):
             code = "NoSuchBucket"  # a HEAD answer has no body to say which is missing
         problem = {
             "404": "object not found", "NoSuchKey": "object not found", "NoSuchBucket": "bucket not found",
@@ -214,7 +224,7 @@ def _http(uri: str, headers: dict[str, str] | None = None):
 def remote_stat(uri: str) -> RemoteStat:
     """Size, ETag and last-modified of a remote object, or one line saying why it cannot be read."""
     if uri.startswith("s3://"):
-        head = _s3_call(uri, "head_object")
+        head = s3_call(uri, "head_object")
         return RemoteStat(int(head["ContentLength"]), head.get("ETag", "").strip('"'),
                           head["LastModified"].isoformat())  # fmt: skip
     headers = _http(uri, {"Range": "bytes=0-0"}).headers  # the first byte only
@@ -226,5 +236,5 @@ def remote_stat(uri: str) -> RemoteStat:
 def read_remote_bytes(uri: str) -> bytes:
     """A small remote file whole (GeoJSON labels; rasters are read by window through GDAL)."""
     if uri.startswith("s3://"):
-        return _s3_call(uri, "get_object")["Body"].read()
+        return s3_call(uri, "get_object")["Body"].read()
     return _http(uri).content

@@ -129,6 +129,7 @@ def item_row(
     image_asset: str | None,
     labels_asset: str | None,
     use_geometry: bool = False,
+    labels: bool = True,
 ) -> CatalogRow:
     """One STAC item as a catalog scene: image, labels, band names, sensor, time, split, classes (and AOI)."""
     try:
@@ -138,7 +139,7 @@ def item_row(
     if not SCENE_ID.fullmatch(item.id):
         raise bad_file(source, f"item id {item.id!r} names a scene: [A-Za-z0-9._-], not starting with '.'")
     image_key, image = _asset(item, source, "data", image_asset)
-    _, labels = _asset(item, source, "labels", labels_asset)
+    label_file = _asset(item, source, "labels", labels_asset)[1] if labels else ""
     props = item.properties
     split = props.get("tilepipe:split")
     if split is not None and split not in SPLITS:
@@ -149,7 +150,7 @@ def item_row(
     return CatalogRow(
         scene_id=item.id,
         image=image,
-        labels=labels,
+        labels=label_file,
         split=split,
         bands=None,
         band_labels=_band_labels(item, image_key),
@@ -162,13 +163,20 @@ def item_row(
 
 
 def read_stac(
-    path: Path, image_asset: str | None = None, labels_asset: str | None = None, use_geometry: bool = False
+    path: Path,
+    image_asset: str | None = None,
+    labels_asset: str | None = None,
+    use_geometry: bool = False,
+    labels: bool = True,
 ) -> list[CatalogRow]:
-    """Every item of a STAC catalog as a checked catalog row (ids unique: they name the scenes)."""
+    """Every item of a STAC catalog as a checked catalog row (ids unique: they name the scenes).
+
+    ``labels=False``: the items' labels assets are neither needed nor checked.
+    """
     rows: list[CatalogRow] = []
     where: dict[str, Path] = {}
     for raw, source in _walk(path, _load_json(path), {path.resolve()}):
-        row = item_row(raw, source, image_asset, labels_asset, use_geometry)
+        row = item_row(raw, source, image_asset, labels_asset, use_geometry, labels)
         if row.scene_id in where:
             raise bad_file(source, f"item {row.scene_id}: duplicate id (also in {where[row.scene_id]})")
         where[row.scene_id] = source

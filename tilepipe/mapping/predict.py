@@ -23,6 +23,7 @@ from tqdm import tqdm
 from tilepipe.errors import TilepipeError, bad_file
 from tilepipe.geo.aoi import AoiMask
 from tilepipe.geo.raster_io import Grid, gdal_env
+from tilepipe.geo.read_errors import ReadInterrupted, is_transient_read_error
 from tilepipe.geo.remote import as_location
 from tilepipe.mapping.blend import (
     NODATA,
@@ -33,6 +34,7 @@ from tilepipe.mapping.blend import (
     segment_strips,
 )
 from tilepipe.mapping.scene import SceneView, open_scene, output_grid
+from tilepipe.mapping.stats import MapStats
 from tilepipe.mapping.writer import MapWriter, write_cog
 from tilepipe.ml.calibration import calibrated
 from tilepipe.ml.checkpoint import ModelMeta
@@ -87,11 +89,16 @@ def predict_scene(
     bands: str | dict[str, int] | None = None,
     aoi: tuple[dict[str, Any], str] | None = None,
     confidence: bool = False,
+    stats: bool = False,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Map a whole scene to a COG: band 1 class index (255 nodata), optionally a probability band each.
 
     ``aoi``: (GeoJSON geometry, its CRS); the map is nodata outside it.
-    ``confidence``: one more band, the top class's (calibrated) probability x 255.
+    ``confidence``: one more (last) band, the top class's (calibrated) probability x 255.
+    ``stats`` adds the map's class areas, nodata share and mean confidence
+    (:class:`tilepipe.mapping.stats.MapStats`) to the summary.
+    A read that failed on the way is :class:`ReadInterrupted` (a retry can help); ``quiet``: no line.
     """
     scene, output = as_location(scene), Path(output)
     if isinstance(scene, Path) and output.resolve() == scene.resolve():
@@ -116,22 +123,30 @@ def predict_scene(
                 disable=not sys.stderr.isatty(),
             )
             writer = MapWriter(strips_file, out_grid, meta, probabilities, confidence)
+            counted = MapStats(out_grid, len(meta.classes)) if stats else None
+            with_probs = probabilities or stats
             try:
-                for strip in predict_strips(params, model, meta, opened, bar.update, probabilities):
+                for strip in predict_strips(params, model, meta, opened, bar.update, with_probs):
                     if mask is not None:
                         _blank_outside(strip, mask)
+                    if counted is not None:
+                        counted.add(strip)  # before the writer scales the probabilities in place
                     writer.add(strip)
             finally:
                 writer.close()
                 bar.close()
             write_cog(strips_file, output)
     except RasterioError as exc:
-        raise TilepipeError(f"{scene}: read or write failed ({str(exc).splitlines()[0]})") from None
+        problem = f"{scene}: read or write failed ({str(exc).splitlines()[0]})"
+        raise (ReadInterrupted if is_transient_read_error(exc) else TilepipeError)(problem) from None
     finally:
         strips_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     summary = _summary(meta, scene, output, opened.grid, out_grid, total, seconds, writer)
-    print(summary["line"], flush=True)
+    if counted is not None:
+        summary["stats"] = {**counted.result(), "scene_pixels": opened.grid.width * opened.grid.height}
+    if not quiet:
+        print(summary["line"], flush=True)
     return summary
 
 
@@ -142,6 +157,8 @@ def _blank_outside(strip: Strip, mask: AoiMask) -> None:
     strip.classes[outside] = NODATA
     if strip.probs is not None:
         strip.probs[:, outside] = 0
+    if strip.confidence is not None:
+        strip.confidence[outside] = 0
 
 
 def _summary(

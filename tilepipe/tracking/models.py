@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ from typing import Any
 from torch import nn
 
 from tilepipe.errors import TilepipeError, bad_file
-from tilepipe.ml.checkpoint import ModelMeta, load_model, model_from_meta
+from tilepipe.fsutil import atomic_path, file_sha256
+from tilepipe.ml.checkpoint import ModelMeta, load_model, model_from_meta, save_model
 from tilepipe.tracking.fetch import (
     Prefetch,
     download_weights,
     failure,
+    fetch,
     identify,
     is_mlflow_spec,
     mlflow_client,
@@ -113,3 +116,39 @@ def _eager(logged: nn.Module, meta: ModelMeta, spec: str) -> nn.Module:
         reason = str(exc).strip().splitlines()[0][:200]
         raise TilepipeError(f"{spec}: logged weights do not fit its model_meta.json ({reason})") from None
     return model.eval()
+
+
+def model_file(
+    spec: str | Path, cache: Path, prefetch: Prefetch | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A ``model.pt`` for ``spec`` that any process can load, and the model's identity (with its SHA-256).
+
+    A path is the file itself; an MLflow model's weights are copied into ``cache/<sha256>.pt`` (a
+    run logged without its weights file: the model rebuilt from MLflow and saved there).
+    """
+    text = str(spec).strip()
+    if not is_mlflow_spec(text):
+        path = Path(text) / "model.pt" if Path(text).is_dir() else Path(text)
+        if not path.is_file():
+            raise TilepipeError(f"{text}: no such model file, and not models:/NAME@ALIAS or an MLflow run id")
+        _load(path)  # not a tilepipe model: one line now, not one per scene
+        return path.resolve(), {**describe_model(spec), "sha256": file_sha256(path)}
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".weights-", dir=cache) as folder:
+        if prefetch is not None:
+            fetched, described = prefetch.path(), describe_model(spec, prefetch)
+        else:  # in this process: the same answer as the helper's
+            answer = fetch(text, Path(folder))
+            if answer.get("error"):
+                raise TilepipeError(answer["error"])
+            fetched, described = answer["path"] and Path(answer["path"]), answer["model"]
+        if fetched is None:  # a run logged before its weights file was
+            model, meta = resolve_model(text)
+            fetched = Path(folder) / "model.pt"
+            save_model(fetched, model, meta)
+        sha = file_sha256(fetched)
+        target = cache / f"{sha}.pt"
+        if not target.is_file():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(fetched, tmp)
+    return target.resolve(), {**described, "sha256": sha}
