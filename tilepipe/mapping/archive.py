@@ -169,7 +169,7 @@ def map_job(
             output = tmp / f"{scene.scene_id}.tif"
             bands = model_bands(scene, params.tile.gdal_cache_mb)
             summary = predict_scene(params, net, meta, scene.image, output, options.probabilities, bands,
-                                    options.confidence, stats=True, quiet=True)  # fmt: skip
+                                    confidence=options.confidence, stats=True, quiet=True)  # fmt: skip
             item = archive_item(output, scene, meta, model, job.key, summary["stats"], options, store)
             _hold_for_test(scene.scene_id, tmp)
     return {**item_row(item, "mapped"), "seconds": round(time.perf_counter() - started, 3)}
