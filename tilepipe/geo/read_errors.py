@@ -90,7 +90,7 @@ def is_transient_read_error(exc: BaseException) -> bool:
     return network_fault(exc) is not None
 
 
-class ReadInterrupted(TilepipeError):
+class ReadInterrupted(StoreUnavailable):
     """A read that failed on the way (network, server): one line for a user, and a retry can help."""
 
 

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rasterio.errors import RasterioError
-
 from tilepipe.errors import TilepipeError
 from tilepipe.fsutil import file_sha256
 from tilepipe.geo.raster_io import gdal_env, open_raster
@@ -35,6 +33,7 @@ from tilepipe.geo.read_errors import (
     ReadInterrupted,
     StoreUnavailable,
     describe_error,
+    is_retryable,
     is_transient_read_error,
 )
 from tilepipe.geo.remote import is_remote, remote_stat
@@ -219,14 +218,8 @@ def _hold_for_test(scene_id: str, folder: Path) -> None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for a failure on the way (network, server, disk), which a retry can mend; never bad data."""
-    if isinstance(exc, ReadInterrupted):
-        return True
-    if isinstance(exc, TilepipeError):
-        return False
-    if isinstance(exc, RasterioError):
-        return is_transient_read_error(exc)
-    return isinstance(exc, OSError)
+    """True for a failure on the way, which a retry can mend: the flows' one classification."""
+    return is_retryable(exc)
 
 
 def map_with_retries(
