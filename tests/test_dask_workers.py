@@ -1,7 +1,7 @@
 """A real `dask worker` (with its nanny) is prepared by the flow's runner before its first task.
 
 The nanny hands each worker ``MALLOC_TRIM_THRESHOLD_=65536``: glibc then maps every large buffer
-fresh and faults it in again each time (44% more CPU for a tiling, docs/scale-out.md). After the
+fresh and faults it in again each time (56% more CPU for a tiling, docs/scale-out.md). After the
 runner connects, the worker's freed buffers are reused: the page faults of reallocating one are
 counted in the worker process itself, before and after.
 """

@@ -9,7 +9,8 @@ a temporary folder, and run with as many intra-op threads as torch has.
 
 Measured by ``make bench`` (benchmarks/engines.py, docs/benchmarks.md): on the 2-core development
 machine ONNX Runtime gave the same maps (argmax identical everywhere, probabilities within 1e-7)
-1.8-4.3x faster than torch eager on one thread for ``small_cnn``, ``resnet18`` and ``unet``.
+about 1.8-2.2x faster than torch eager on one thread for ``small_cnn``, ``resnet18`` and ``unet``
+(measured with other jobs on the cores).
 When ONNX Runtime is not installed, or the export or the session fails, the map is made by torch
 and :func:`engine_model` says so in one line: torch stays the reference and the fallback.
 """
