@@ -20,6 +20,7 @@ from benchmarks import (
     datapath,
     ddp,
     engines,
+    mapping,
     memory,
     orchestration,
     remote,
@@ -45,6 +46,7 @@ BENCHMARKS = {
     "remote": remote.run,
     "dask": dask_tiling.run,
     "engines": engines.run,
+    "mapping": mapping.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here
 ON_REQUEST = {"seeds": seeds.run}
