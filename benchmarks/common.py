@@ -17,8 +17,12 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
+from tilepipe.fsutil import write_text
+
 WORK = Path(__file__).resolve().parent / ".work"
 ROOT = Path(__file__).resolve().parents[1]
+# CPU features that decide which kernels torch, oneDNN and ONNX Runtime can use
+EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def make_scene(path: Path, size: int, bands: int = 3, seed: int = 0, block: int = 512) -> Path:
@@ -175,25 +179,65 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    for line in lines:
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
 def machine() -> dict:
-    """Cores, memory and library versions, recorded beside every figure."""
+    """The machine's description recorded beside every figure: CPU, cores, memory, library versions."""
     import mlflow
     import prefect
     import torch
 
+    from benchmarks.report import machine_id
+
+    cpu = _cpuinfo()
+    flags = set(cpu.get("flags", "").split())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
+    described = {
+        "cpu_model": cpu.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model": f"{cpu.get('cpu family', '?')}/{cpu.get('model', '?')}",
+        "cpu_extensions": " ".join(f for f in EXTENSIONS if f in flags) or "none of note",
+        "hypervisor": "yes (a VM)" if "hypervisor" in flags else "none seen",
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1),
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
         "numpy": np.__version__,
         "rasterio": rasterio.__version__,
         "gdal": rasterio.__gdal_version__,
         "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "dask": _version("dask"),
         "mlflow": mlflow.__version__,
         "prefect": prefect.__version__,
     }
+    return {"id": os.environ.get("BENCH_MACHINE_ID") or machine_id(described), **described}
+
+
+def commit() -> str:
+    """The checkout's commit (short), ``-dirty`` when tracked files differ from it."""
+    done = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=ROOT, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def load() -> dict:
@@ -203,5 +247,6 @@ def load() -> dict:
 
 
 def save(results: dict, path: Path) -> None:
-    """Write results.json."""
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    """Write a machine's results file (atomically: a killed run leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(results, indent=1) + "\n")

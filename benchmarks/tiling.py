@@ -2,7 +2,7 @@
 
 Each side runs ``BENCH_TILING_REPEATS`` times (default 3), interleaved with its reference so that
 drift in the machine's speed hits both alike; ratios are of the best (least disturbed) times, and
-every run's time is kept in results.json beside them.
+every run's time is kept in the results file beside them.
 
 A worker runs three threads (read-ahead decoding, cutting, shard writing), so one worker already
 keeps more than one core busy, and every shard byte is written and fsynced: what a second worker

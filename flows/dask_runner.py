@@ -5,6 +5,8 @@
 share the project's folder at the same path), or, with no address, a LocalCluster of
 ``tile.workers`` single-threaded processes on 127.0.0.1, started for the run and stopped after it.
 A worker that dies mid-scene leaves only a temp folder; Dask runs its tasks again on another worker.
+Every worker is prepared before its first task (``flows/dask_workers.py``: glibc keeps freed memory,
+which the nanny's environment turns off).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ def task_runner(params: Params) -> TaskRunner:
     settings = params.orchestrate
     if settings.runner == "threads":
         return ThreadPoolTaskRunner(max_workers=params.tile.workers)
-    from prefect_dask import DaskTaskRunner  # only when asked for: importing distributed takes ~1 s
+    # only when asked for: importing distributed takes ~1 s
+    from tilepipe.flows.dask_workers import WorkerReadyDaskRunner
 
     if settings.dask_address:
-        return DaskTaskRunner(address=settings.dask_address, client_kwargs={"timeout": CONNECT_TIMEOUT_S})
+        timeout = {"timeout": CONNECT_TIMEOUT_S}
+        return WorkerReadyDaskRunner(address=settings.dask_address, client_kwargs=timeout)
     cluster = {
         "n_workers": params.tile.workers,
         "threads_per_worker": 1,  # a tile task keeps ~1.4 cores busy with its own threads
@@ -42,7 +46,7 @@ def task_runner(params: Params) -> TaskRunner:
         "host": "127.0.0.1",
         "dashboard_address": None,
     }
-    return DaskTaskRunner(cluster_kwargs=cluster)
+    return WorkerReadyDaskRunner(cluster_kwargs=cluster)
 
 
 def for_workers(params: Params, scene: SceneRecord) -> SceneRecord:
