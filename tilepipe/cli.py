@@ -12,6 +12,7 @@ from pathlib import Path
 from tilepipe.cli_args import PATHS
 from tilepipe.errors import TilepipeError
 from tilepipe.params import Params, load_params
+from tilepipe.redaction import redact_text
 
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], object]]] = {}
 
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             configure_process(params, args.command)
         COMMANDS[args.command][1](params, args)
     except TilepipeError as exc:
-        print(f"tilepipe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tilepipe {args.command}: error: {redact_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tilepipe {args.command}: interrupted", file=sys.stderr)

@@ -24,7 +24,8 @@ from rasterio.windows import Window
 
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
-from tilepipe.geo.remote import gdal_cloud_options, is_remote, remote_stat, shown
+from tilepipe.geo.remote import check_remote, gdal_cloud_options, is_remote, remote_stat
+from tilepipe.redaction import redact, redact_text
 
 T = TypeVar("T")
 
@@ -61,12 +62,13 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
 
 def _open_remote(uri: str) -> rasterio.io.DatasetReader:
     """Open a remote raster through GDAL's /vsis3/ or /vsicurl/; a failure says why, naming the URI."""
+    check_remote(uri)
     try:
         return rasterio.open(uri)
     except RasterioError as exc:
         remote_stat(uri)  # a missing object, a denied bucket or a silent endpoint: said as such
-        reason = str(exc).split("\n")[0].replace(uri, shown(uri))
-        raise bad_file(shown(uri), f"not a readable raster ({reason})") from None
+        reason = redact_text(str(exc).split("\n")[0].replace(uri, redact(uri)))
+        raise bad_file(redact(uri), f"not a readable raster ({reason})") from None
 
 
 def scale_to_unit(data: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:

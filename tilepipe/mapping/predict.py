@@ -27,6 +27,7 @@ from tilepipe.mapping.scene import SceneView, open_scene, output_grid
 from tilepipe.mapping.writer import MapWriter, write_cog
 from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.params import Params
+from tilepipe.redaction import redact, redact_text
 
 
 def window_total(params: Params, meta: ModelMeta, grid: Grid) -> int:
@@ -101,7 +102,8 @@ def predict_scene(
                 bar.close()
             write_cog(strips_file, output)
     except RasterioError as exc:
-        raise TilepipeError(f"{scene}: read or write failed ({str(exc).splitlines()[0]})") from None
+        reason = redact_text(str(exc).splitlines()[0])
+        raise TilepipeError(f"{redact(scene)}: read or write failed ({reason})") from None
     finally:
         strips_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
