@@ -183,7 +183,8 @@ def _services(params: Params | None, args: argparse.Namespace) -> None:
     if args.action == "up":
         running, started = stack.up(args.dir)
         what = f"started {', '.join(started)}" if started else "already running, nothing started"
-        print(f"# tilepipe services: {what}; logs in {running.home / 'logs'}")
+        note = f"; {running.note()}" if running.note() else ""
+        print(f"# tilepipe services: {what}; logs in {running.home / 'logs'}{note}")
         print(running.exports(), end="")
     elif args.action == "down":
         stopped = stack.down(args.dir)
@@ -194,7 +195,7 @@ def _services(params: Params | None, args: argparse.Namespace) -> None:
         if not rows:
             print(f"services: no stack in {args.dir} (run `tilepipe services up`)")
         for name, url, state in rows:
-            print(f"{name:9} {url:45} {state}")
+            print(f"{name:9} {redact_text(url):45} {state}")
 
 
 @command("report", "print a summary of the pipeline's outputs (or, --markdown, the results table)")
