@@ -36,12 +36,14 @@ def predict_held_out(
     split_json: Path,
     out_dir: Path,
     prefetch: Prefetch | None = None,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole.
 
     Beside each map its STAC item ``<scene_id>.json``, all linked by ``out_dir/catalog.json``.
+    ``trust_pickle``: see :func:`tilepipe.tracking.models.resolve_model`.
     """
-    model, meta = resolve_model(model_spec, prefetch)
+    model, meta = resolve_model(model_spec, prefetch, trust_pickle)
     described = reproducible(describe_model(model_spec, prefetch), model_spec)
     records = held_out_scenes(scenes_json, split_json)
     summaries, items = [], []
@@ -72,14 +74,16 @@ def predict_one(
     probabilities: bool = False,
     bands: str | None = None,
     prefetch: Prefetch | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Map one scene to ``output`` (COG), optionally with a probability band per class.
 
     Its STAC item goes beside it (``<output stem>.json``).
 
     ``prefetch``: an MLflow model's weights being fetched since before torch was imported.
+    ``trust_pickle``: see :func:`tilepipe.tracking.models.resolve_model`.
     """
-    model, meta = resolve_model(model_spec, prefetch)
+    model, meta = resolve_model(model_spec, prefetch, trust_pickle)
     item = item_path(Path(output))
     summary = predict_scene(params, model, meta, scene, output, probabilities, bands)
     write_item(build_item(Path(output), scene, meta, describe_model(model_spec, prefetch)), item)

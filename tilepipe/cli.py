@@ -91,9 +91,12 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
         from tilepipe.stages.predict import predict_held_out, predict_one
 
         if args.test_scenes is not None:
-            predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes, prefetch)
+            predict_held_out(
+                params, model_spec, args.scenes, args.split, args.test_scenes, prefetch, args.trust_pickle
+            )
         else:
-            predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands, prefetch)
+            predict_one(params, model_spec, args.scene, args.output, args.probabilities, args.bands, prefetch,
+                        args.trust_pickle)  # fmt: skip
     finally:
         if prefetch is not None:
             prefetch.close()

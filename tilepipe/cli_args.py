@@ -74,6 +74,12 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
         ),
         s.add_argument("--probabilities", action="store_true", help="add per-class probability bands"),
         s.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="load a run that has no weights/model.pt from its pickled MLflow model (unpickling runs "
+            "code from the tracking server: only for a server you trust)",
+        ),
+        s.add_argument(
             "--bands",
             default=None,
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",
