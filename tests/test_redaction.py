@@ -3,6 +3,8 @@ host (IPv6 in brackets), port and path stay; a malformed scene URI is one line, 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,76 @@ def test_ingest_of_a_catalog_naming_a_malformed_uri_exits_1_in_one_line(tmp_path
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "s3:///k.tif: not a valid s3:// URI (no bucket)" in lines[0]
     assert not (tmp_path / "scenes.json").exists()
+
+
+def _api(url: str, auth: tuple[str, str], body: dict | None = None, get: bool = False) -> str:
+    import httpx
+
+    call = httpx.get if get else httpx.post
+    kwargs = {} if get else {"json": body or {}}
+    answer = call(url, auth=auth, trust_env=False, timeout=60, **kwargs)
+    assert answer.status_code == 200, (url, answer.status_code, answer.text[:300])
+    return answer.text
+
+
+def _server_records(env: dict[str, str], login: tuple[str, str]) -> dict[str, str]:
+    """The MLflow runs (tags, params), registered models and versions, and the Prefect flow runs,
+    artifacts and logs, as the servers return them: raw JSON text."""
+    mlflow, prefect = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]
+    experiments = _api(f"{mlflow}/api/2.0/mlflow/experiments/search", login, {"max_results": 1000})
+    ids = [e["experiment_id"] for e in json.loads(experiments).get("experiments", [])]
+    user, password = env["PREFECT_API_AUTH_STRING"].split(":", 1)
+    return {
+        "mlflow runs": _api(f"{mlflow}/api/2.0/mlflow/runs/search", login, {"experiment_ids": ids}),
+        "mlflow models": _api(f"{mlflow}/api/2.0/mlflow/registered-models/search", login, get=True),
+        "mlflow versions": _api(f"{mlflow}/api/2.0/mlflow/model-versions/search", login, get=True),
+        **{
+            f"prefect {kind}": _api(f"{prefect}/{kind}/filter", (user, password), {"limit": 200})
+            for kind in ("flow_runs", "task_runs", "artifacts", "logs")
+        },
+    }
+
+
+@pytest.mark.slow  # the whole tiny pipeline as a Prefect flow on the stack
+@pytest.mark.xdist_group("services")
+def test_a_flow_with_a_credentialed_tracking_uri_shows_no_secret_anywhere(services, tmp_path):
+    """The tracking URI carries the MLflow password (``http://admin:PASSWORD@host:port``, as a team's
+    ``https://user:token@...`` would); the flow runs on the stack's Prefect (auth string), MLflow and S3
+    servers. Nothing it prints, writes, logs, tags or publishes holds any of the stack's secrets."""
+    from tests.conftest import dvc_project
+    from tests.test_dvc_pipeline import TINY
+    from tilepipe.services import credentials
+
+    repo, env = dvc_project(tmp_path, TINY)
+    stack = services.env
+    secrets = list(dataclasses.asdict(credentials.load(services.home)).values())
+    password = stack["MLFLOW_TRACKING_PASSWORD"]
+    plain = stack["MLFLOW_TRACKING_URI"]
+    uri = plain.replace("http://", f"http://admin:{password}@")
+    env = {**env, **stack, "MLFLOW_TRACKING_URI": uri, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(key)  # the URI alone logs in
+    flow = subprocess.run([str(BIN / "tilepipe"), "flow"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=1500)  # fmt: skip
+    assert flow.returncode == 0, (flow.stdout + flow.stderr)[-4000:]
+
+    run = json.loads((repo / "models" / "run.json").read_text())
+    assert run["tracking_uri"] == plain  # where the run is, without the login
+    shown = {"stdout": flow.stdout, "stderr": flow.stderr}
+    skip = (".git", ".dvc/cache", ".dvc/tmp")
+    for path in repo.rglob("*"):  # run.json, dvc.lock, predictions/, metrics/, data/, params.yaml...
+        relative = path.relative_to(repo).as_posix()
+        if path.is_file() and not relative.startswith(skip):
+            shown[relative] = path.read_bytes().decode("latin-1")
+    assert {"dvc.lock", "models/run.json", "predictions/catalog.json"} <= set(shown)
+    records = _server_records(stack, ("admin", password))
+    assert run["run_id"] in records["mlflow runs"] and "tilepipe-metrics" in records["prefect artifacts"]
+    shown.update(records)
+    leaks = [
+        (where, line.replace(s, "<SECRET>")[:300])
+        for where, text in shown.items()
+        for s in secrets
+        for line in text.splitlines()
+        if s in line
+    ]
+    assert not leaks, leaks

@@ -21,7 +21,7 @@ from typing import Any
 
 from tilepipe.errors import TilepipeError
 from tilepipe.redaction import redact, redact_text
-from tilepipe.tracking.store import tracking_uri
+from tilepipe.tracking.store import no_login_in_links, tracking_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 QUIET_MLFLOW = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -44,6 +44,7 @@ def mlflow_client(spec: str) -> tuple[Any, Any, str]:
         )
     import mlflow
 
+    no_login_in_links(store)
     mlflow.set_tracking_uri(store)
     return mlflow, mlflow.MlflowClient(), store
 
