@@ -53,6 +53,13 @@ def changed_folders(before: dict, after: dict) -> list[str]:
     ]
 
 
+def command_env(stack: services_stack.Stack, **extra: str) -> dict[str, str]:
+    """The environment of a command run on the stack: no proxy, its variables and credentials, ``extra``."""
+    from tilepipe.services.parts import base_env
+
+    return {**base_env(), **stack.env, **extra}
+
+
 @contextmanager
 def stack_env(stack: services_stack.Stack) -> Iterator[dict[str, str]]:
     """This process's environment pointed at the stack, credentials included, restored after."""

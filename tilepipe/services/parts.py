@@ -78,6 +78,10 @@ def client_env(ports: Ports, creds: Credentials) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports.mlflow}",
         "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
         "MLFLOW_TRACKING_PASSWORD": creds.mlflow_admin,
+        # artifacts through the server, never by the presigned S3 URLs it offers (MLflow >= 3.x
+        # uses them by default): the S3 server takes header signatures only (s3_server.py)
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
         "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
         "PREFECT_API_AUTH_STRING": creds.prefect_auth,
         **s3_env(ports, creds),
@@ -183,6 +187,7 @@ def prefect_env(ports: Ports, creds: Credentials, home: Path) -> dict[str, str]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_DATABASE_CONNECTION_URL=database,
         PREFECT_SERVER_API_AUTH_STRING=creds.prefect_auth,
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{ports.prefect}/api",  # the UI's own calls (not :4200)
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",
     )

@@ -6,7 +6,8 @@ is made an IAM user's key before the first request, with moto's request authenti
 (``INITIAL_NO_AUTH_ACTION_COUNT=0``), so the same key works after a restart. ``moto_server``
 itself would also answer its ``/moto-api/`` routes to anyone: they dump every object and key
 (``/moto-api/data.json``) and reset the server, so they are refused here, as is any request
-without a signature.
+without a signature header: moto checks only those, and a presigned URL (a query signature) would
+make it fail with a 500 that clients retry for minutes.
 """
 
 from __future__ import annotations
@@ -20,18 +21,17 @@ USER = "tilepipe"
 ALLOW_ALL = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'
 DENIED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-    b"<Message>a signed request is required</Message></Error>"
+    b"<Message>a request signed in its Authorization header is required</Message></Error>"
 )
 
 
 def signed(environ: dict[str, Any]) -> bool:
-    """True for a request carrying an AWS signature (a header, or a presigned URL's query)."""
-    query = environ.get("QUERY_STRING", "")
-    return bool(environ.get("HTTP_AUTHORIZATION")) or "X-Amz-Signature=" in query or "Signature=" in query
+    """True for a request signed in its ``Authorization`` header (what moto checks)."""
+    return bool(environ.get("HTTP_AUTHORIZATION"))
 
 
 def guarded(app: Callable) -> Callable:
-    """``app`` behind a gate: no ``/moto-api/`` routes, no unsigned request."""
+    """``app`` behind a gate: no ``/moto-api/`` routes, nothing without a signature header."""
 
     def gate(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "").startswith("/moto-api") or not signed(environ):
