@@ -24,6 +24,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tilepipe.errors import TilepipeError
 from tilepipe.geo.scenes import SceneRecord
 from tilepipe.params import Params
+from tilepipe.redaction import redact
 
 CONNECT_TIMEOUT_S = 20  # seconds for the client to reach the scheduler
 
@@ -74,7 +75,7 @@ def check_scheduler(params: Params) -> None:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise TilepipeError(
-            f"orchestrate.dask_address: no Dask scheduler answers at {address} ({exc}); "
+            f"orchestrate.dask_address: no Dask scheduler answers at {redact(address)} ({exc}); "
             "start one with `dask scheduler` or set orchestrate.runner: threads"
         ) from None
 

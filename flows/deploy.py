@@ -20,15 +20,15 @@ from tilepipe.errors import TilepipeError
 from tilepipe.flows.maps import map_deployment
 from tilepipe.flows.pipeline import pipeline
 from tilepipe.flows.settings import check_api, prefect_settings
-from tilepipe.params import Params, load_params
+from tilepipe.params import Params, ScheduleParams, load_params
 
 DEFAULT_POOL = "tilepipe"
-DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night, until params.yaml holds the schedule (schedule.cron)
+DEFAULT_CRON = ScheduleParams().cron  # schedule.cron's default: 02:00 UTC every night
 
 
 def nightly_cron(params: Params) -> str:
-    """The nightly cron: ``schedule.cron`` of params once that key exists, else DEFAULT_CRON."""
-    return getattr(getattr(params, "schedule", None), "cron", None) or DEFAULT_CRON
+    """The nightly cron: ``schedule.cron`` of params (validated there, its default DEFAULT_CRON)."""
+    return params.schedule.cron
 
 
 def deployments(

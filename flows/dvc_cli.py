@@ -10,6 +10,7 @@ from pathlib import Path
 from tilepipe.errors import TilepipeError
 from tilepipe.flows.repo_lock import lent
 from tilepipe.params import Params, load_params
+from tilepipe.redaction import redact_text
 
 PARAMS_YAML = Path("params.yaml")  # what dvc.yaml's stages read, and so what dvc.lock records
 
@@ -79,5 +80,5 @@ def commit(stages: list[str]) -> str:
     """``dvc commit --force <stages>``: dvc.lock records the outputs these stages just wrote."""
     result = run("commit", "--force", *stages)
     if result.returncode != 0:
-        raise RuntimeError(f"dvc commit {' '.join(stages)} failed: {result.stderr.strip()}")
+        raise RuntimeError(f"dvc commit {' '.join(stages)} failed: {redact_text(result.stderr.strip())}")
     return result.stdout

@@ -10,6 +10,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tilepipe.redaction import redact
+
 ARTIFACT_KEY = "tilepipe-metrics"
 ROWS = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("mIoU", "miou"))
 
@@ -25,7 +27,7 @@ def metrics_markdown(metrics: dict[str, Any], run: dict[str, Any], registered: d
         "|---|---:|---:|",
         *(f"| {name} | {metrics[key]:.4f} | {metrics[f'baseline_{key}']:.4f} |" for name, key in ROWS),
         "",
-        f"MLflow run `{run['run_id']}` (experiment {run['experiment_id']}, {run['tracking_uri']}).",
+        f"MLflow run `{run['run_id']}` (experiment {run['experiment_id']}, {redact(run['tracking_uri'])}).",
         f"Registered as **{registered['name']} v{registered['version']}**: {registered['decision']}"
         + (" (now `champion`)." if registered["champion"] else "."),
     ]

@@ -14,6 +14,7 @@ from tilepipe.geo.catalog import read_catalog
 from tilepipe.geo.raster_io import gdal_env
 from tilepipe.geo.scenes import inspect_scene
 from tilepipe.params import Params
+from tilepipe.redaction import redact_text
 
 
 def _warn(message: str) -> None:
@@ -30,7 +31,7 @@ def ingest(params: Params, catalog: Path, out: Path) -> dict[str, Any]:
             try:
                 scenes.append(inspect_scene(row, params, warn=_warn))
             except (TilepipeError, RasterioError) as exc:
-                message = str(exc) if isinstance(exc, TilepipeError) else f"{row.image}: {exc}"
+                message = redact_text(exc if isinstance(exc, TilepipeError) else f"{row.image}: {exc}")
                 if row.origin and not message.startswith(row.origin):
                     message = f"{row.origin}: {message}"
                 if params.ingest.on_error == "fail":

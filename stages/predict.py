@@ -37,12 +37,14 @@ def predict_held_out(
     split_json: Path,
     out_dir: Path,
     prefetch: Prefetch | None = None,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Map every held-out test scene to ``out_dir/<scene_id>.tif``; the directory is replaced whole.
 
     Beside each map its STAC item ``<scene_id>.json``, all linked by ``out_dir/catalog.json``.
+    ``trust_pickle``: see :func:`tilepipe.tracking.models.resolve_model`.
     """
-    model, meta = resolve_model(model_spec, prefetch)
+    model, meta = resolve_model(model_spec, prefetch, trust_pickle)
     described = reproducible(describe_model(model_spec, prefetch), model_spec)
     records = held_out_scenes(scenes_json, split_json)
     summaries, items = [], []
@@ -77,6 +79,7 @@ def predict_one(
     prefetch: Prefetch | None = None,
     aoi: Path | None = None,
     confidence: bool = False,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Map one scene to ``output`` (COG), optionally with a probability band per class and a confidence band.
 
@@ -84,8 +87,9 @@ def predict_one(
     is nodata outside it.
 
     ``prefetch``: an MLflow model's weights being fetched since before torch was imported.
+    ``trust_pickle``: see :func:`tilepipe.tracking.models.resolve_model`.
     """
-    model, meta = resolve_model(model_spec, prefetch)
+    model, meta = resolve_model(model_spec, prefetch, trust_pickle)
     item = item_path(Path(output))
     area = None if aoi is None else aoi_file(aoi)
     summary = predict_scene(

@@ -408,7 +408,9 @@ def test_models_resolve_from_mlflow_and_serve_through_pyfunc(trained, monkeypatc
     assert describe_model(run["run_id"])["run_id"] == run["run_id"]
     assert describe_model(tmp_path / "models")["run_id"] == run["run_id"]  # run.json beside model.pt
     monkeypatch.setattr(fetch, "WEIGHTS", "weights/none.pt")  # a run logged before the weights were
-    loaded.append(resolve_model(champion))  # ... loads through mlflow.pytorch instead
+    with pytest.raises(TilepipeError, match="--trust-pickle"):
+        resolve_model(champion)  # ... has only the pickled MLflow model: not unpickled by default
+    loaded.append(resolve_model(champion, trust_pickle=True))  # ... loads through mlflow.pytorch
     for model, meta in loaded:
         assert meta == local_meta and not model.training
         with torch.no_grad():

@@ -7,13 +7,17 @@ that mention a pattern are not flagged, and a call split over lines is still fou
 from __future__ import annotations
 
 import ast
+import csv
+import json
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOT_SOURCES, ROOT
+from tests.conftest import NOT_SOURCES, ROOT, tiny_overrides
 from tilepipe.flows.settings import prefect_settings
 
 SUBPROCESS = {"run", "Popen", "call", "check_call", "check_output", "getoutput", "getstatusoutput"}
@@ -117,3 +121,40 @@ def test_prefect_server_defaults_to_localhost():
 
     with prefect_settings():
         assert PREFECT_SERVER_API_HOST.value() == "127.0.0.1"
+
+
+@pytest.mark.slow  # a training, its MLflow model, two `tilepipe predict` processes
+def test_a_model_only_pickled_in_mlflow_is_loaded_with_trust_pickle_only(prepared, monkeypatch):
+    """A run without its weights/model.pt (logged by an older tilepipe, or by anyone with write access to
+    the server) has only the pickled MLflow model: `tilepipe predict` refuses to unpickle it, in one line,
+    unless told --trust-pickle."""
+    from mlflow import MlflowClient
+
+    from tilepipe.stages.train import train
+
+    tmp_path, params = prepared
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    train(params, tmp_path / "tiles", tmp_path / "split.json", tmp_path / "models")
+    run_id = json.loads((tmp_path / "models" / "run.json").read_text())["run_id"]
+    artifacts = MlflowClient().get_run(run_id).info.artifact_uri.removeprefix("file://")
+    (Path(artifacts) / "weights" / "model.pt").unlink()
+    with open(tmp_path / "catalog.csv", newline="") as fh:
+        scene = tmp_path / next(csv.DictReader(fh))["image"]
+    sets = [x for o in tiny_overrides(tmp_path) for x in ("--set", o)]
+    predict = [str(Path(sys.executable).parent / "tilepipe"), "predict", str(scene), "map.tif",
+               "--model", run_id, "--params", str(ROOT / "params.yaml"), *sets]  # fmt: skip
+
+    refused = subprocess.run(predict, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert f"run {run_id} has no weights/model.pt, only a pickled MLflow model" in lines[0]
+    assert lines[0].endswith("pass --trust-pickle to load it only if you trust that server")
+    assert not (tmp_path / "map.tif").exists()
+
+    trusted = subprocess.run([*predict, "--trust-pickle"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert (tmp_path / "map.tif").is_file() and (tmp_path / "map.json").is_file()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, TRAIN, tiny_overrides
+from tests.services_stack import command_env, stack_env
 from tilepipe import cli
-from tilepipe.services import parts
+from tilepipe.services import credentials, parts, postgres
 from tilepipe.services import stack as services_stack
 from tilepipe.services.procs import Proc, alive, start_time, stop
 
@@ -38,7 +40,7 @@ def _train_cmd(tmp_path: Path, name: str, out: str, *extra: str) -> list[str]:
 
 
 def _env(services: services_stack.Stack, **extra: str) -> dict[str, str]:
-    return {**parts.base_env(), **services.env, **extra}
+    return command_env(services, **extra)
 
 
 def _s3(services: services_stack.Stack):
@@ -53,11 +55,13 @@ def _epochs(client: MlflowClient, run_id: str, metric: str = "val_loss") -> list
 
 
 def test_up_again_starts_nothing_and_status_answers(services, capsys):
+    before = services_stack.load(services.home).procs  # another test may have restarted a server
     assert cli.main(["services", "up", "--dir", str(services.home)]) == 0
     out = capsys.readouterr().out
     assert "already running, nothing started" in out
+    assert services.note() in out.splitlines()[0]  # as root: PostgreSQL's own user, said first
     assert f"export MLFLOW_TRACKING_URI={services.env['MLFLOW_TRACKING_URI']}\n" in out
-    assert services_stack.load(services.home).procs == services.procs, "the same processes"
+    assert services_stack.load(services.home).procs == before, "the same processes"
     assert cli.main(["services", "status", "--dir", str(services.home)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(services_stack.ORDER)
@@ -65,9 +69,10 @@ def test_up_again_starts_nothing_and_status_answers(services, capsys):
     s3 = _s3(services)
     assert {b["Name"] for b in s3.list_buckets()["Buckets"]} >= set(parts.BUCKETS)
     # Prefect's tables are in the stack's PostgreSQL (its server would not start without it)
-    psql = [parts.pg_bin("psql"), "-h", "127.0.0.1", "-p", str(services.ports.postgres), "-U", "postgres"]
+    psql = [postgres.client("psql"), "-h", "127.0.0.1", "-p", str(services.ports.postgres), "-U", "prefect"]
     query = "SELECT count(*) FROM information_schema.tables WHERE table_name = 'flow_run'"
-    found = subprocess.run([*psql, "-d", "prefect", "-tAc", query], capture_output=True, text=True)
+    env = {**os.environ, "PGPASSWORD": credentials.load(services.home).prefect_db}
+    found = subprocess.run([*psql, "-d", "prefect", "-tAc", query], capture_output=True, text=True, env=env)
     assert found.stdout.strip() == "1"
 
 
@@ -103,6 +108,8 @@ def test_two_trainings_at_once_then_evaluate_register_and_load_the_champion(serv
     runs = [json.loads((tmp_path / out / "run.json").read_text()) for out in ("a", "b")]
     assert runs[0]["run_id"] != runs[1]["run_id"]
     assert runs[0]["tracking_uri"] == services.env["MLFLOW_TRACKING_URI"]
+    for key, value in services.env.items():  # the client logs in with the exported credentials
+        monkeypatch.setenv(key, value)
     client = MlflowClient(services.env["MLFLOW_TRACKING_URI"])
     for run in runs:
         assert client.get_run(run["run_id"]).info.status == "FINISHED"
@@ -111,8 +118,6 @@ def test_two_trainings_at_once_then_evaluate_register_and_load_the_champion(serv
         assert {a.path for a in client.list_artifacts(run["run_id"])} >= {"training", "weights"}
 
     monkeypatch.chdir(tmp_path)
-    for key, value in services.env.items():
-        monkeypatch.setenv(key, value)
     evaluate = ["evaluate", "--params", str(ROOT / "params.yaml"), *_sets(tmp_path, name)]
     evaluate += ["--model-dir", str(tmp_path / "a"), "--tiles", str(tmp_path / "tiles")]
     evaluate += ["--split", str(tmp_path / "split.json"), "--out", str(tmp_path / "metrics")]
@@ -191,10 +196,11 @@ def test_server_away_for_10_s_loses_no_epoch_and_gone_for_good_is_one_line(servi
 
     assert kept.returncode == 0, kept_err[-3000:]
     run_id = json.loads((tmp_path / "kept" / "run.json").read_text())["run_id"]
-    client = MlflowClient(uri)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    for metric in EPOCH_METRICS:
-        assert _epochs(client, run_id, metric) == list(range(1, EPOCHS + 1)), metric
+    with stack_env(services):
+        client = MlflowClient(uri)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        for metric in EPOCH_METRICS:
+            assert _epochs(client, run_id, metric) == list(range(1, EPOCHS + 1)), metric
 
 
 def test_study_parent_and_child_runs_on_the_server(services, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 from tilepipe.cli_args import PATHS
 from tilepipe.errors import TilepipeError
 from tilepipe.params import Params, load_params
+from tilepipe.redaction import redact_text
 
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], object]]] = {}
 
@@ -98,10 +99,12 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
         from tilepipe.stages.predict import predict_held_out, predict_one
 
         if args.test_scenes is not None:
-            predict_held_out(params, model_spec, args.scenes, args.split, args.test_scenes, prefetch)
+            predict_held_out(
+                params, model_spec, args.scenes, args.split, args.test_scenes, prefetch, args.trust_pickle
+            )
         else:
             chosen = {"probabilities": args.probabilities, "bands": args.bands, "prefetch": prefetch}
-            chosen |= {"aoi": args.aoi, "confidence": args.confidence}
+            chosen |= {"aoi": args.aoi, "confidence": args.confidence, "trust_pickle": args.trust_pickle}
             predict_one(params, model_spec, args.scene, args.output, **chosen)
     finally:
         if prefetch is not None:
@@ -228,7 +231,8 @@ def _services(params: Params | None, args: argparse.Namespace) -> None:
     if args.action == "up":
         running, started = stack.up(args.dir)
         what = f"started {', '.join(started)}" if started else "already running, nothing started"
-        print(f"# tilepipe services: {what}; logs in {running.home / 'logs'}")
+        note = f"; {running.note()}" if running.note() else ""
+        print(f"# tilepipe services: {what}; logs in {running.home / 'logs'}{note}")
         print(running.exports(), end="")
     elif args.action == "down":
         stopped = stack.down(args.dir)
@@ -239,7 +243,7 @@ def _services(params: Params | None, args: argparse.Namespace) -> None:
         if not rows:
             print(f"services: no stack in {args.dir} (run `tilepipe services up`)")
         for name, url, state in rows:
-            print(f"{name:9} {url:45} {state}")
+            print(f"{name:9} {redact_text(url):45} {state}")
 
 
 @command("report", "print a summary of the pipeline's outputs (or, --markdown, the results table)")
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             configure_process(params, args.command)
         COMMANDS[args.command][1](params, args)
     except TilepipeError as exc:
-        print(f"tilepipe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tilepipe {args.command}: error: {redact_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tilepipe {args.command}: interrupted", file=sys.stderr)

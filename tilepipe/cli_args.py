@@ -83,6 +83,12 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
             help="add a band of the top class's calibrated probability (x 255) to mask uncertain pixels",
         ),
         s.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="load a run that has no weights/model.pt from its pickled MLflow model (unpickling runs "
+            "code from the tracking server: only for a server you trust)",
+        ),
+        s.add_argument(
             "--bands",
             default=None,
             help="band mapping if the bands carry no names, e.g. red=3;green=2;blue=1",

@@ -37,8 +37,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temp path to write; on success it is fsynced and renamed onto ``target``."""
+def atomic_path(target: Path | str, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path to write; on success it is fsynced and renamed onto ``target``.
+
+    ``mode``: the file's permissions (default: the umask's); the temp file is 0600 until then.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
@@ -48,16 +51,16 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp_path, FILE_MODE)
+        os.chmod(tmp_path, FILE_MODE if mode is None else mode)
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_text(target: Path | str, text: str) -> None:
-    """Atomically write a text file."""
-    with atomic_path(target) as tmp:
+def write_text(target: Path | str, text: str, mode: int | None = None) -> None:
+    """Atomically write a text file (``mode``: its permissions, e.g. 0o600 for a secret)."""
+    with atomic_path(target, mode) as tmp:
         tmp.write_text(text)
 
 

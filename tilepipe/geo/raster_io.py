@@ -26,12 +26,13 @@ from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
 from tilepipe.geo.remote import (
     StoreUnavailable,
+    check_remote,
     gdal_cloud_options,
     is_remote,
     network_fault,
     remote_stat,
-    shown,
 )
+from tilepipe.redaction import redact, redact_text
 
 T = TypeVar("T")
 
@@ -68,14 +69,15 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
 
 def _open_remote(uri: str) -> rasterio.io.DatasetReader:
     """Open a remote raster through GDAL's /vsis3/ or /vsicurl/; a failure says why, naming the URI."""
+    check_remote(uri)
     try:
         return rasterio.open(uri)
     except RasterioError as exc:
         remote_stat(uri)  # a missing object, a denied bucket or a silent endpoint: said as such
-        reason = str(exc).split("\n")[0].replace(uri, shown(uri))
+        reason = redact_text(str(exc).split("\n")[0].replace(uri, redact(uri)))
         if network_fault(exc):  # throttled or failed on the way, though the store answers now
-            raise StoreUnavailable(f"{shown(uri)}: the store failed to serve it ({reason})") from None
-        raise bad_file(shown(uri), f"not a readable raster ({reason})") from None
+            raise StoreUnavailable(f"{redact(uri)}: the store failed to serve it ({reason})") from None
+        raise bad_file(redact(uri), f"not a readable raster ({reason})") from None
 
 
 def scale_to_unit(data: np.ndarray, dtype: str, scale: dict[str, tuple[float, float]]) -> np.ndarray:

@@ -4,7 +4,7 @@ Rasters are read through GDAL's virtual file systems (/vsis3/, /vsicurl/) with w
 requests: a scene is never downloaded whole. Credentials and the endpoint come from the usual AWS
 variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_S3_ENDPOINT`` or
 ``AWS_ENDPOINT_URL``, ``AWS_HTTPS``, ``AWS_VIRTUAL_HOSTING``), never from params, and never appear
-in a message: a URI is shown without user info or query string.
+in a message: a URI is shown without user info or query string (:func:`tilepipe.redaction.redact`).
 
 A remote file's fingerprint is what the store guarantees about its content without reading it:
 the ETag, the size and the last-modified time the server sends (docs/team-setup.md).
@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tilepipe.errors import TilepipeError
+from tilepipe.redaction import redact, redact_text
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 TIMEOUT_S = 20.0
@@ -75,14 +76,19 @@ def beside(base: Path, text: str) -> str | Path:
     return text if is_remote(text) else base / text
 
 
-def shown(uri: str | Path) -> str:
-    """A URI fit for a message or a log: no user info, no query string (presigned credentials)."""
-    if not is_remote(uri):
-        return str(uri)
-    parts = urlsplit(str(uri))
-    return urlunsplit(
-        (parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path, "", "")
-    )
+shown = redact  # the name this module gave it first: one function, tilepipe.redaction.redact
+
+
+def check_remote(uri: str) -> None:
+    """A malformed remote URI (``s3:///key.tif``, ``https:///x``, a broken IPv6 host) is one line."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise TilepipeError(f"{redact(uri)}: not a valid URI ({exc})") from None
+    if not parts.hostname:
+        what = "no bucket" if parts.scheme == "s3" else "no host"
+        raise TilepipeError(f"{redact(uri)}: not a valid {parts.scheme}:// URI ({what})")
 
 
 def s3_endpoint_url() -> str | None:
@@ -141,6 +147,7 @@ def s3_client():
 
 def s3_call(uri: str, call: str, **extra):
     """Run an S3 request on the object of ``uri``; any failure is one line naming the URI."""
+    check_remote(uri)
     parts = urlsplit(uri)
     client = s3_client()
     with s3_errors(uri, client):
@@ -176,20 +183,20 @@ def s3_errors(uri: str, client) -> Iterator[None]:
             "403": "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
             "AccessDenied": "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
         }.get(code, f"S3 error {code}")  # fmt: skip
-        raise TilepipeError(f"{shown(uri)}: {problem}") from None
+        raise TilepipeError(f"{redact(uri)}: {problem}") from None
     except EndpointConnectionError:
         raise StoreUnavailable(
-            f"{shown(uri)}: the S3 endpoint {s3_endpoint_url() or 'AWS'} does not answer"
+            f"{redact(uri)}: the S3 endpoint {redact(s3_endpoint_url() or 'AWS')} does not answer"
         ) from None
     except (BotoConnectionError, HTTPClientError) as exc:  # timeouts, resets, closed connections
         what = type(exc).__name__
         raise StoreUnavailable(f"{shown(uri)}: the S3 endpoint failed on the way ({what})") from None
     except NoCredentialsError:
         raise TilepipeError(
-            f"{shown(uri)}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            f"{redact(uri)}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
         ) from None
     except BotoCoreError as exc:
-        raise TilepipeError(f"{shown(uri)}: {type(exc).__name__}: {exc}") from None
+        raise TilepipeError(f"{redact(uri)}: {type(exc).__name__}: {redact_text(exc)}") from None
 
 
 def _bucket_exists(client, bucket: str) -> bool:
@@ -206,18 +213,19 @@ def _http(uri: str, headers: dict[str, str] | None = None):
     """GET ``uri`` (a HEAD would break a presigned GET link's signature)."""
     import httpx
 
+    check_remote(uri)
     try:
         with httpx.Client(transport=httpx.HTTPTransport(retries=RETRIES), timeout=TIMEOUT_S) as client:
             response = client.get(uri, headers=headers, follow_redirects=True)
     except httpx.TransportError as exc:  # refused, reset, timed out
         raise StoreUnavailable(f"{shown(uri)}: the server does not answer ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
-        raise TilepipeError(f"{shown(uri)}: the server does not answer ({type(exc).__name__})") from None
+        raise TilepipeError(f"{redact(uri)}: the server does not answer ({type(exc).__name__})") from None
     if response.status_code == 429 or response.status_code >= 500:
-        raise StoreUnavailable(f"{shown(uri)}: HTTP {response.status_code}: the server is busy; retry later")
+        raise StoreUnavailable(f"{redact(uri)}: HTTP {response.status_code}: the server is busy; retry later")
     if response.status_code >= 400:
         what = {404: "not found", 403: "access denied", 401: "access denied"}.get(response.status_code, "")
-        raise TilepipeError(f"{shown(uri)}: HTTP {response.status_code} {what}".rstrip())
+        raise TilepipeError(f"{redact(uri)}: HTTP {response.status_code} {what}".rstrip())
     return response
 
 

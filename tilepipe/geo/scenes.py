@@ -22,6 +22,7 @@ from tilepipe.geo.labels import is_geojson, label_bounds_in
 from tilepipe.geo.raster_io import check_georeferenced, ground_resolution, open_raster
 from tilepipe.geo.remote import is_remote, remote_stat
 from tilepipe.params import Params
+from tilepipe.redaction import redact
 
 MAX_PIXELS = 10**12  # beyond this a header is taken to lie about the size
 SAMPLE_BLOCKS = 256  # nodata is estimated on this many blocks at most
@@ -121,13 +122,13 @@ def _all_zero(src, sample: int | None = ZERO_SAMPLE_BLOCKS) -> bool:
 
 def _pixel_warnings(src, path: Path, not_finite: float) -> list[str]:
     """Usable but suspicious pixels: NaN (kept as nodata), or an image of zeros with no nodata."""
-    warnings = []
+    warnings, name = [], redact(path)
     if not_finite > 0:
         warnings.append(
-            f"{path}: {not_finite:.1%} of the sampled pixels are NaN or infinite: they are treated as nodata"
+            f"{name}: {not_finite:.1%} of the sampled pixels are NaN or infinite: they are treated as nodata"
         )
     if src.nodata is None and all(f == [MaskFlags.all_valid] for f in src.mask_flag_enums) and _all_zero(src):
-        warnings.append(f"{path}: every pixel is 0 and the file sets no nodata: it carries no signal (kept)")
+        warnings.append(f"{name}: every pixel is 0 and the file sets no nodata: it carries no signal (kept)")
     return warnings
 
 

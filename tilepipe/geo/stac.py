@@ -19,8 +19,9 @@ import pystac
 from tilepipe.errors import bad_file
 from tilepipe.fsutil import input_problem
 from tilepipe.geo.bands import sensor_from
-from tilepipe.geo.remote import is_remote, shown
+from tilepipe.geo.remote import is_remote
 from tilepipe.geo.scene_row import SCENE_ID, SPLITS, CatalogRow
+from tilepipe.redaction import redact
 
 LINK_RELS = ("child", "item")
 _PARSE_ERRORS = (pystac.STACError, KeyError, TypeError, ValueError, AttributeError)
@@ -44,7 +45,7 @@ def _load_json(path: Path, referrer: Path | None = None, rel: str = "") -> dict[
 def _local(href: str, base: Path, where: Path, what: str) -> Path:
     """A local file named by an href: relative ones resolve against ``base`` (the JSON's folder)."""
     if "://" in href or href.startswith("/vsi"):
-        raise bad_file(where, f"{what} {shown(href)}: links between STAC files must be local files")
+        raise bad_file(where, f"{what} {redact(href)}: links between STAC files must be local files")
     return Path(os.path.normpath(base / href))  # an absolute href stays itself
 
 

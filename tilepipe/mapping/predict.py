@@ -39,6 +39,7 @@ from tilepipe.mapping.writer import MapWriter, write_cog
 from tilepipe.ml.calibration import calibrated
 from tilepipe.ml.checkpoint import ModelMeta
 from tilepipe.params import Params
+from tilepipe.redaction import redact, redact_text
 
 
 def window_total(params: Params, meta: ModelMeta, grid: Grid) -> int:
@@ -137,7 +138,7 @@ def predict_scene(
                 bar.close()
             write_cog(strips_file, output)
     except RasterioError as exc:
-        problem = f"{scene}: read or write failed ({str(exc).splitlines()[0]})"
+        problem = f"{redact(scene)}: read or write failed ({redact_text(str(exc).splitlines()[0])})"
         raise (ReadInterrupted if is_transient_read_error(exc) else TilepipeError)(problem) from None
     finally:
         strips_file.unlink(missing_ok=True)

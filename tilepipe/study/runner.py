@@ -79,7 +79,16 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return context
 
 
-def child(spec_path: str, log_path: str) -> None:
+MLFLOW_CONNECTION = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def store_env() -> dict[str, str]:
+    """The tracking store and its credentials, handed to a child in memory (never in spec.json)."""
+    env = {k: os.environ[k] for k in MLFLOW_CONNECTION if k in os.environ}
+    return {**env, "MLFLOW_TRACKING_URI": tracking_uri()}
+
+
+def child(spec_path: str, log_path: str, store: dict[str, str]) -> None:
     """Process target, forked from the forkserver: output goes to ``log_path``; a user mistake exits 1."""
     die_with_parent(sig=signal.SIGTERM)  # the forkserver ends with the study's process
     spec = json.loads(Path(spec_path).read_text())
@@ -88,7 +97,7 @@ def child(spec_path: str, log_path: str) -> None:
         os.dup2(log.fileno(), 2)
     # The forkserver was started once, maybe for another study: take this study's directory and store.
     os.chdir(spec["cwd"])
-    os.environ["MLFLOW_TRACKING_URI"] = spec["tracking_uri"]
+    os.environ.update(store)
     warnings.filterwarnings("ignore", module="rasterio")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     from tilepipe.study.worker import work  # preloaded in the forkserver: no import cost here
@@ -118,11 +127,11 @@ def launch(
             "split": str(Path(split_json).resolve()),
             "parent_run_id": parent_run_id,
             "cwd": str(Path.cwd()),
-            "tracking_uri": tracking_uri(),
         },
     )
     log = folder / "train.log"
-    proc = _forkserver().Process(target=child, args=(str(spec), str(log)), name=f"study-{training['name']}")
+    args = (str(spec), str(log), store_env())
+    proc = _forkserver().Process(target=child, args=args, name=f"study-{training['name']}")
     proc.start()
     proc.join()
     if proc.exitcode != 0:

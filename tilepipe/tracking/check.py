@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from tilepipe.errors import TilepipeError
 from tilepipe.processes import environment
+from tilepipe.redaction import redact, redact_text
 
 SQLITE_BUSY_S = 3.0  # how long the probe waits for another process's lock on the SQLite store
 HTTP_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -34,14 +35,14 @@ CAUSES = {
 def unusable(uri: str, cause: str) -> TilepipeError:
     """The one-line error for a tracking store that cannot be used."""
     return TilepipeError(
-        f"MLflow tracking store {uri} is unusable ({cause}); training was not started. "
+        f"MLflow tracking store {redact(uri)} is unusable ({cause}); training was not started. "
         "Fix MLFLOW_TRACKING_URI, start the server or stop the process holding the database, then rerun."
     )
 
 
 def short_cause(exc: BaseException) -> str:
     """A short, one-line description of why a call to the store failed."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = redact_text(" ".join(str(exc).split())) or type(exc).__name__
     for needle, cause in CAUSES.items():
         if needle in text:
             return cause
@@ -91,7 +92,7 @@ def lost(uri: str, exc: BaseException, model_dir: Path | None) -> TilepipeError:
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     kept = f"; the model trained so far stays in {model_dir}" if model_dir is not None else ""
     return TilepipeError(
-        f"MLflow tracking server {uri} stopped answering during training ({short_cause(exc)}; "
+        f"MLflow tracking server {redact(uri)} stopped answering during training ({short_cause(exc)}; "
         f"gave up after {retries} retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES){kept}. "
         "Start the server again and rerun (train.resume continues from the last checkpoint)."
     )

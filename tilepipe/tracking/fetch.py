@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tilepipe.errors import TilepipeError
-from tilepipe.tracking.store import tracking_uri
+from tilepipe.redaction import redact, redact_text
+from tilepipe.tracking.store import no_login_in_links, tracking_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 QUIET_MLFLOW = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -38,11 +39,12 @@ def mlflow_client(spec: str) -> tuple[Any, Any, str]:
     store = tracking_uri()
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         raise TilepipeError(
-            f"{spec}: no MLflow store at {store} (train first, set MLFLOW_TRACKING_URI, "
+            f"{spec}: no MLflow store at {redact(store)} (train first, set MLFLOW_TRACKING_URI, "
             "or pass --model models/model.pt)"
         )
     import mlflow
 
+    no_login_in_links(store)
     mlflow.set_tracking_uri(store)
     return mlflow, mlflow.MlflowClient(), store
 
@@ -121,8 +123,9 @@ def download_weights(client: Any, run_id: str, folder: Path) -> Path | None:
 
 def failure(spec: str, store: str, exc: BaseException) -> TilepipeError:
     """The one-line error for a model MLflow cannot give."""
-    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return TilepipeError(f"{spec}: cannot load from MLflow at {store} ({reason})")
+    text = redact_text(str(exc).strip())
+    reason = text.splitlines()[0][:300] if text else type(exc).__name__
+    return TilepipeError(f"{spec}: cannot load from MLflow at {redact(store)} ({reason})")
 
 
 def fetch(spec: str, folder: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from tilepipe.errors import TilepipeError, bad_file
 from tilepipe.fsutil import atomic_path, file_sha256
 from tilepipe.ml.checkpoint import ModelMeta, load_model, model_from_meta, save_model
 from tilepipe.tracking.fetch import (
+    WEIGHTS,
     Prefetch,
     download_weights,
     failure,
@@ -27,15 +28,19 @@ from tilepipe.tracking.fetch import (
 )
 
 
-def resolve_model(spec: str | Path, prefetch: Prefetch | None = None) -> tuple[nn.Module, ModelMeta]:
+def resolve_model(
+    spec: str | Path, prefetch: Prefetch | None = None, trust_pickle: bool = False
+) -> tuple[nn.Module, ModelMeta]:
     """Model (eval mode) and meta from a ``model.pt`` path, ``models:/NAME@ALIAS`` or an MLflow run id.
 
     ``prefetch`` (started before torch was imported) holds the MLflow model's weights when ready.
+    ``trust_pickle``: a run without its ``weights/model.pt`` may be loaded from its pickled MLflow
+    model (unpickling runs whatever code the tracking server returns); refused otherwise.
     """
     text = str(spec).strip()
     if is_mlflow_spec(text):
         fetched = prefetch.path() if prefetch is not None else None
-        return _load(fetched) if fetched is not None else _from_mlflow(text)
+        return _load(fetched) if fetched is not None else _from_mlflow(text, trust_pickle)
     path = Path(text)
     if path.is_dir():
         path = path / "model.pt"
@@ -78,8 +83,8 @@ def _load(path: Path) -> tuple[nn.Module, ModelMeta]:
         raise bad_file(path, f"not a tilepipe model.pt ({type(exc).__name__}: {reason})") from None
 
 
-def _from_mlflow(spec: str) -> tuple[nn.Module, ModelMeta]:
-    """The run's own weights file (``weights/model.pt``), else its logged MLflow model."""
+def _from_mlflow(spec: str, trust_pickle: bool = False) -> tuple[nn.Module, ModelMeta]:
+    """The run's own weights file (``weights/model.pt``), else (trusted) its logged MLflow model."""
     from mlflow.exceptions import MlflowException
 
     mlflow, client, store = mlflow_client(spec)
@@ -89,9 +94,19 @@ def _from_mlflow(spec: str) -> tuple[nn.Module, ModelMeta]:
             weights = download_weights(client, run_id, Path(folder))
             if weights is not None:
                 return _load(weights)
+            if not trust_pickle:
+                raise untrusted(spec, run_id)
             return _logged_model(mlflow, run_id, uri, spec)
     except (MlflowException, OSError) as exc:
         raise failure(spec, store, exc) from None
+
+
+def untrusted(spec: str, run_id: str) -> TilepipeError:
+    """The one line for a model that exists only as a pickle, loaded without ``--trust-pickle``."""
+    return TilepipeError(
+        f"{spec}: run {run_id} has no {WEIGHTS}, only a pickled MLflow model, and unpickling runs any "
+        "code the tracking server sends: pass --trust-pickle to load it only if you trust that server"
+    )
 
 
 def _logged_model(mlflow: Any, run_id: str, uri: str, spec: str) -> tuple[nn.Module, ModelMeta]:

@@ -21,6 +21,7 @@ from tilepipe.fsutil import file_sha256, write_json
 from tilepipe.ml.checkpoint import load_model
 from tilepipe.ml.pretrained import InitSpec, checked_file
 from tilepipe.params import Params, flatten
+from tilepipe.redaction import redact
 from tilepipe.tracking.check import fail_fast, is_unreachable, lost, quick_http
 from tilepipe.tracking.fetch import WEIGHTS
 from tilepipe.tracking.store import connected_mlflow, tracking_uri
@@ -123,8 +124,8 @@ def training_run(
         mlflow.set_experiment(params.track.experiment)
         run = mlflow.start_run(run_name=name or run_name(params))
     try:
-        mlflow.log_params(flatten(params))
-        mlflow.set_tags({**lineage_tags(split_json), **dvc_exp_tags(), **init, **(tags or {})})
+        mlflow.log_params(redacted(flatten(params)))
+        mlflow.set_tags(redacted({**lineage_tags(split_json), **dvc_exp_tags(), **init, **(tags or {})}))
         yield run
     except BaseException as exc:
         unreachable = is_unreachable(exc)
@@ -138,6 +139,11 @@ def training_run(
             raise lost(uri, exc, model_dir) from None
         raise
     mlflow.end_run()
+
+
+def redacted(values: dict[str, Any]) -> dict[str, Any]:
+    """Params or tags as MLflow shows them: any URI without user info, password or query string."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -191,7 +197,7 @@ def log_trained_model(model_dir: Path) -> dict[str, str]:
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
         "model_uri": info.model_uri,
-        "tracking_uri": tracking_uri(),
+        "tracking_uri": redact(tracking_uri()),  # where the run is, not how to log in (docs/team-setup.md)
     }
     write_json(model_dir / "run.json", record)
     return record

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tilepipe.redaction import redact
+
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project directory."""
@@ -16,5 +18,13 @@ def connected_mlflow() -> Any:
     """The ``mlflow`` module, pointed at :func:`tracking_uri` (imported here: it is slow to import)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    no_login_in_links(uri)
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+def no_login_in_links(uri: str) -> None:
+    """Stop MLflow printing "View run <URI>/#/..." when the URI holds a login (``https://user:token@``)."""
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
