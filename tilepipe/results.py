@@ -59,7 +59,7 @@ def results_markdown(
 
     tiles, scenes = metrics["test_tiles"], metrics["test_scenes"]
     lines = [
-        _row("held-out test scenes (95 % scene-bootstrap interval)", [name for name, _ in COLUMNS]),
+        _row("held-out test scenes [95 % interval]", [name for name, _ in COLUMNS]),
         "|---|---:|---:|---:|",
         _row(f"tiles: all {tiles} labelled tiles of {scenes} scenes", scores("")),
     ]
