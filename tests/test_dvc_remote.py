@@ -135,7 +135,7 @@ def test_end_to_end_on_the_stack(services, tmp_path):
     old = {k: os.environ.get(k) for k in services.env}
     os.environ.update(services.env)
     try:
-        client = MlflowClient()
+        client = MlflowClient(tracking_uri=services.env["MLFLOW_TRACKING_URI"])  # not one set earlier here
         name = params["track"]["model_name"]
         champion = client.get_model_version_by_alias(name, "champion")
         run = client.get_run(champion.run_id)

@@ -25,7 +25,7 @@ from tilepipe.flows.pipeline import pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect"), pytest.mark.usefixtures("prefect_api")]
 
-STAGES = ["ingest", "tile", "split", "train", "predict", "evaluate"]
+STAGES = ["ingest", "tile", "split", "analyze", "train", "predict", "evaluate"]
 MODEL = "tilepipe-landcover"
 TINY = {  # merged into the project's params.yaml: its own catalog, tiny tiles and a 1-epoch model
     "data": {"catalog": "scenes/catalog.csv", "imagery": "scenes"},
@@ -108,7 +108,7 @@ def test_a_params_change_retrains_and_registers_the_new_model(project: Project):
     project.set_params("train", lr=0.001)
     result, state, _ = project.run()
     assert result["ran"] == ["train", "predict", "evaluate"]
-    assert result["skipped"] == ["ingest", "tile", "split"]
+    assert result["skipped"] == ["ingest", "tile", "split", "analyze"]
     assert project.versions() == [1, 2] and result["model_version"] == 2
     run_id = flow_run_id(state)
     wait_for(lambda: logs_with(run_id, "train: changed"), 30, "the flow run's logs")
