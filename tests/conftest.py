@@ -210,6 +210,17 @@ NOT_SOURCES = (
 )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs load the cores."""
+    import torch  # here: most test modules need no torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def copy_repo(dest: Path) -> None:
     """Copy the sources git would see (tracked and untracked, not ignored), minus pipeline outputs."""
     names = subprocess.run(

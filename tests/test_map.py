@@ -32,12 +32,7 @@ TILEPIPE = str(Path(sys.executable).parent / "tilepipe")
 SIZE = (200, 160)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_model(path: Path, seed: int = 0) -> Path:

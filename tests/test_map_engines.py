@@ -21,12 +21,7 @@ from tilepipe.ml.models import Normalized, ResNet18, SmallCNN
 AGREE, PROB_TOL = 0.9999, 1e-4  # the bar for an engine to map with
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def same_maps(reference: np.ndarray, other: np.ndarray) -> None:

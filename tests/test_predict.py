@@ -51,13 +51,7 @@ RGB = ["red", "green", "blue"]
 SCALE = {"uint8": [0, 255], "uint16": [0, 10000]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def seg_meta(**extra):

@@ -18,12 +18,7 @@ from tilepipe.tracking.models import resolve_model
 SEG_MAPS = [*SEG, "predict.window=64", "predict.margin=24"]  # the resume test is in test_train.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture
