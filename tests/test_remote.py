@@ -167,6 +167,21 @@ def test_a_remote_scene_that_cannot_be_read_is_one_line(tmp_path, s3, mistake, m
     assert not (tmp_path / "scenes.json").exists()
 
 
+def test_a_key_changed_in_the_environment_is_the_key_used(tmp_path, s3, monkeypatch):
+    """boto3's default session keeps the first credentials it found: a process that met a wrong (or
+    an old, rotated) key first must still use the environment's key of now."""
+    from tilepipe.geo.remote import remote_stat
+
+    rows = scenes_with_geojson(tmp_path)[:1]
+    bucket = upload(s3, tmp_path, [rows[0]["image"]])
+    uri = f"s3://{bucket}/imagery/s0.tif"
+    with monkeypatch.context() as wrong:
+        wrong.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        with pytest.raises(TilepipeError, match="access denied"):
+            remote_stat(uri)
+    assert remote_stat(uri).size == (tmp_path / "s0.tif").stat().st_size
+
+
 def test_uris_in_messages_carry_no_credentials():
     from tilepipe.geo.remote import shown
 

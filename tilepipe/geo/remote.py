@@ -13,6 +13,7 @@ the ETag, the size and the last-modified time the server sends (docs/team-setup.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,13 +137,28 @@ class RemoteStat:
         return f"etag:{self.etag};size:{self.size};modified:{self.modified}"
 
 
-def s3_client():
-    """A boto3 S3 client for the endpoint of the environment, with bounded timeouts and retries."""
-    import boto3
-    from botocore.config import Config
+_CLIENTS: dict[tuple[str | None, ...], object] = {}
+_CLIENTS_LOCK = threading.Lock()
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
-    config = Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S, retries={"max_attempts": RETRIES})
-    return boto3.client("s3", endpoint_url=s3_endpoint_url(), config=config)
+
+def s3_client():
+    """A boto3 S3 client for the endpoint and credentials of the environment now (timeouts, retries).
+
+    Not boto3's default session: it keeps the credentials it found first for the life of the
+    process, so a key changed in the environment since (rotated, another store) would be refused.
+    One client per endpoint and credentials, shared (boto3 clients are thread-safe).
+    """
+    key = (s3_endpoint_url(), *(os.environ.get(name) for name in CREDENTIAL_VARIABLES))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            import boto3
+            from botocore.config import Config
+
+            timeouts = {"connect_timeout": TIMEOUT_S, "read_timeout": TIMEOUT_S}
+            config = Config(**timeouts, retries={"max_attempts": RETRIES})
+            _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=key[0], config=config)
+        return _CLIENTS[key]
 
 
 def s3_call(uri: str, call: str, **extra):
