@@ -4,6 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# no usage reports, no ids written under ~ (tilepipe sets these itself; dvc and mlflow run alone here too)
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export ORT_DISABLE_TELEMETRY := 1
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONHASHSEED := 0
 # dvc.yaml calls `tilepipe`, so the venv's bin must be on PATH for `dvc repro`.
