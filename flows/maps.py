@@ -120,7 +120,7 @@ def map_archive_flow(
     params = load_params(params_path, overrides)
     where_from, where_to = where(catalog, out, params)
     spec = model or params.map.model or f"models:/{params.track.model_name}@champion"
-    options = MapOptions(params.map.probabilities, params.map.confidence)
+    options = MapOptions(params.map.probabilities, params.map.confidence, params.map.engine)
     jobs, rows, ref = plan_task(params, where_from, spec, where_to, options)
     rows = [*rows, *map_all(params, jobs, ref, str(where_to), options)]
     summary = finish_task(params, where_to, rows, ref, where_from, time.perf_counter() - started)

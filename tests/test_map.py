@@ -174,6 +174,33 @@ def test_the_collection_is_updated_not_rebuilt_when_scenes_arrive(tmp_path, caps
     assert [c["description"] for c in classes[:-1]] == CLASSES
 
 
+def test_onnxruntime_maps_by_default_as_torch_does_and_another_engine_remaps(tmp_path, capsys):
+    """map.engine: onnxruntime by default; torch (the reference) side by side gives the same maps."""
+    catalog = make_archive(tmp_path / "archive", n=2)
+    model = make_model(tmp_path / "model.pt")
+    maps = {}
+    for engine in ("onnxruntime", "torch"):
+        out = tmp_path / engine
+        chosen = () if engine == "onnxruntime" else ("--engine", "torch")  # the default, then the flag
+        options = ("--probabilities", *chosen)
+        assert run_map(str(catalog), "--model", str(model), "--out", str(out), *options) == 0
+        for i in range(2):
+            item = json.loads((out / f"s{i}" / f"s{i}.json").read_text())
+            assert item["properties"]["tilepipe:engine"] == engine
+            with rasterio.open(out / f"s{i}" / f"s{i}.tif") as src:
+                maps[engine, i] = src.read().astype(np.int16)
+    for i in range(2):
+        reference, other = maps["torch", i], maps["onnxruntime", i]
+        assert reference[1:].std() > 1, "probabilities that vary, or the comparison means little"
+        assert np.mean(reference[0] == other[0]) >= 0.9999  # the class band
+        assert np.abs(reference[1:] - other[1:]).max() <= 1  # probabilities x 255: within one step
+    # the engine is part of a map's key: mapping the same folder with the other engine remaps it
+    capsys.readouterr()
+    out = tmp_path / "torch"
+    assert run_map(str(catalog), "--model", str(model), "--out", str(out), "--probabilities") == 0
+    assert "2 mapped (s0 s1)" in capsys.readouterr().out
+
+
 def test_a_stac_catalog_and_a_folder_of_geotiffs(tmp_path, capsys):
     folder = tmp_path / "archive"
     (folder / "2024" / "03").mkdir(parents=True)

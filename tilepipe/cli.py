@@ -122,7 +122,8 @@ def _map(params: Params, args: argparse.Namespace) -> None:
         from tilepipe.stages.map import map_archive
 
         mp = params.map
-        options = MapOptions(args.probabilities or mp.probabilities, args.confidence or mp.confidence)
+        options = MapOptions(args.probabilities or mp.probabilities, args.confidence or mp.confidence,
+                             args.engine or mp.engine)  # fmt: skip
         done = map_archive(params, args.catalog, spec, args.out, options, prefetch)
     finally:
         if prefetch is not None:

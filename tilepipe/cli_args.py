@@ -104,6 +104,8 @@ PATHS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
                        help="a folder or s3://bucket/prefix/ (default: map.out)"),
         s.add_argument("--probabilities", action="store_true", help="add a probability band per class"),
         s.add_argument("--confidence", action="store_true", help="add the top class's probability as band 2"),
+        s.add_argument("--engine", choices=("onnxruntime", "torch"), default=None,
+                       help="inference engine (default: map.engine); torch: the reference and fallback"),
     ),  # fmt: skip
     "report": lambda s: (
         _path_args(s, split=w.SPLIT, metrics=w.METRICS / "metrics.json", seeds=w.METRICS / "seeds.json",

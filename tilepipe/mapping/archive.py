@@ -38,6 +38,7 @@ from tilepipe.geo.read_errors import (
 )
 from tilepipe.geo.remote import is_remote, remote_stat
 from tilepipe.geo.scene_row import naming_origin
+from tilepipe.mapping.engines import engine_model
 from tilepipe.mapping.outputs import LocalStore, S3Store
 from tilepipe.mapping.predict import predict_scene
 from tilepipe.mapping.records import KEY, archive_item, item_row
@@ -59,6 +60,7 @@ class MapOptions:
 
     probabilities: bool = False
     confidence: bool = False
+    engine: str = "torch"  # mapping.engines.ENGINES; in the key: another engine remaps
 
 
 @dataclass(frozen=True)
@@ -131,18 +133,24 @@ def plan(
     return jobs, rows
 
 
-_MODELS: dict[tuple[str, str], tuple[Any, ModelMeta]] = {}
+_MODELS: dict[tuple[str, str, str], tuple[Any, ModelMeta]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def loaded(model: ModelRef) -> tuple[Any, ModelMeta]:
-    """The model, loaded once per process (tasks on one Dask worker share it), its SHA-256 checked."""
+def loaded(model: ModelRef, engine: str = "torch") -> tuple[Any, ModelMeta]:
+    """The model run by ``engine``, loaded once per process (tasks on one Dask worker share it).
+
+    Its SHA-256 is checked; ONNX Runtime that cannot run it falls back to torch, said in one line.
+    """
     with _MODELS_LOCK:
-        if (model.path, model.sha256) not in _MODELS:
+        if (model.path, model.sha256, "torch") not in _MODELS:
             if file_sha256(model.path) != model.sha256:
                 raise TilepipeError(f"{model.path}: changed since this run started; run again")
-            _MODELS[(model.path, model.sha256)] = load_model(Path(model.path))
-        return _MODELS[(model.path, model.sha256)]
+            _MODELS[(model.path, model.sha256, "torch")] = load_model(Path(model.path))
+        if (model.path, model.sha256, engine) not in _MODELS:
+            net, meta = _MODELS[(model.path, model.sha256, "torch")]
+            _MODELS[(model.path, model.sha256, engine)] = (engine_model(net, engine), meta)
+        return _MODELS[(model.path, model.sha256, engine)]
 
 
 def map_job(
@@ -161,7 +169,7 @@ def map_job(
         item = store.item(scene.scene_id)
         if item is not None and item["properties"].get(KEY) == job.key:
             return item_row(item, "current")  # another run mapped it since the plan
-        net, meta = loaded(model)
+        net, meta = loaded(model, options.engine)
         if again and is_remote(scene.image):
             _reconnect(scene.image, params.tile.gdal_cache_mb)
         with _store_outage(scene), naming_origin(as_row(scene)), store.writing(scene.scene_id) as tmp:
@@ -169,7 +177,8 @@ def map_job(
             bands = model_bands(scene, params.tile.gdal_cache_mb)
             summary = predict_scene(params, net, meta, scene.image, output, options.probabilities, bands,
                                     confidence=options.confidence, stats=True, quiet=True)  # fmt: skip
-            item = archive_item(output, scene, meta, model, job.key, summary["stats"], options, store)
+            engine = getattr(net, "engine_name", "torch")
+            item = archive_item(output, scene, meta, model, job.key, summary["stats"], options, store, engine)
             _hold_for_test(scene.scene_id, tmp)
     return {**item_row(item, "mapped"), "seconds": round(time.perf_counter() - started, 3)}
 

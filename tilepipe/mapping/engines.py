@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,25 +42,35 @@ class OnnxRuntimeModel(nn.Module):
         self.folder = tempfile.TemporaryDirectory(prefix="tilepipe-onnx-")
         self.sessions: dict[tuple[int, ...], Any] = {}
         self.fallback = False  # set when a session could not be made: torch maps the rest
+        self.exporting = threading.Lock()  # scenes mapped on threads at once share the sessions
+
+    @property
+    def engine_name(self) -> str:
+        """The engine that runs the forward passes now."""
+        return "torch" if self.fallback else "onnxruntime"
 
     def session(self, x: torch.Tensor) -> Any:
         """The session for this input's channels, height and width (exported on first use)."""
         shape = tuple(x.shape[1:])
-        if shape not in self.sessions:
-            import onnxruntime as ort
+        with self.exporting:
+            if shape not in self.sessions:
+                self.sessions[shape] = self._export(x, shape)
+            return self.sessions[shape]
 
-            path = Path(self.folder.name) / f"model-{'x'.join(map(str, shape))}.onnx"
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            with _quiet_export():
-                torch.onnx.export(
-                    self.reference[0], (x[:1].contiguous(),), str(path), input_names=["x"],
-                    output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-                )  # fmt: skip
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            cpu = ["CPUExecutionProvider"]
-            self.sessions[shape] = ort.InferenceSession(str(path), options, providers=cpu)
-        return self.sessions[shape]
+    def _export(self, x: torch.Tensor, shape: tuple[int, ...]) -> Any:
+        """Export the model for this window shape and open an ONNX Runtime session on it."""
+        import onnxruntime as ort
+
+        path = Path(self.folder.name) / f"model-{'x'.join(map(str, shape))}.onnx"
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with _quiet_export():
+            torch.onnx.export(
+                self.reference[0], (x[:1].contiguous(),), str(path), input_names=["x"],
+                output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+            )  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the batch, as torch would give them (by torch itself once ONNX Runtime failed)."""

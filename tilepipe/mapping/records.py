@@ -53,9 +53,12 @@ def layout(meta: ModelMeta, probabilities: bool, confidence: bool) -> str:
 
 
 def archive_item(
-    output: Path, scene: ArchiveScene, meta: ModelMeta, model, key: str, stats: dict[str, Any], options, store
-) -> dict[str, Any]:
+    output: Path, scene: ArchiveScene, meta: ModelMeta, model, key: str, stats: dict[str, Any], options,
+    store, engine: str = "torch",
+) -> dict[str, Any]:  # fmt: skip
     """Write the item of a scene's map beside it (``<scene_id>.json``); returns it as a dict.
+
+    ``engine``: the inference engine that made the map (``tilepipe:engine``).
 
     ``datetime``: the scene's (STAC item, else TIFF tag), else its file's last write
     (``tilepipe:datetime_source``: ``scene`` or ``file``), never the time of this run.
@@ -77,6 +80,7 @@ def archive_item(
         "tilepipe:class_area_ha": dict(zip(meta.classes, stats["class_hectares"], strict=True)),
         "tilepipe:nodata_fraction": stats["nodata_fraction"],
         "tilepipe:mean_confidence": stats["mean_confidence"],
+        "tilepipe:engine": engine,
     })  # fmt: skip
     item.collection_id = COLLECTION_ID
     for rel in ("collection", "parent", "root"):
