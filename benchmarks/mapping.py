@@ -1,11 +1,10 @@
-"""Many scenes mapped in one process: end-to-end megapixels/s against the model alone, where the rest goes.
+"""Where the time of many scenes mapped in one process goes: end-to-end megapixels/s against the model alone.
 
-A stand-in for issue 26's ``map`` entries until ``tilepipe map`` exists: ``mapping.predict``'s
-``predict_scene`` called once per scene in one process (the model loaded once), which is what a
-many-scene map command does besides its own bookkeeping. The default model (``small_cnn``, width
-of params.yaml, seeded weights; tile classification, 64 px windows at every 32 px cell, batch
-``predict.batch_size``) maps ``BENCH_MAP_SCENES`` (default 20) scenes of the built-in data's sizes
-(1536-3072 px, 3-band uint8 DEFLATE GeoTIFFs), with torch eager and with ONNX Runtime
+``mapping.predict``'s ``predict_scene`` (what ``tilepipe map`` runs per scene; ``maps`` measures
+the command itself) called once per scene in one process (the model loaded once). The default
+model (``small_cnn``, width of params.yaml, seeded weights; tile classification, 64 px windows at
+every 32 px cell, batch ``predict.batch_size``) maps ``BENCH_MAP_SCENES`` (default 20) scenes of
+1536-3072 px (3-band uint8 DEFLATE GeoTIFFs), with torch eager and with ONNX Runtime
 (``mapping.engines``; its export timed apart).
 
 Model-only time is the time inside the model's forward calls during the run: the same windows,
