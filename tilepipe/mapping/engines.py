@@ -70,6 +70,8 @@ class OnnxRuntimeModel(nn.Module):
             )  # fmt: skip
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # no spinning between runs: the reads and the blend run on the same cores right after each batch
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
