@@ -7,17 +7,21 @@ train (no MLflow run) and score the test tiles (``metrics/scene_confusion.json``
 macro-F1, and the paired scene-bootstrap difference to the default on the same test scenes with its
 95 % interval (``tilepipe.ml.uncertainty.paired_difference``). Across seeds: the mean difference with
 a t interval (``across_values``). An option "wins" only where that interval lies wholly above 0, and
-only a winner should become the default. Results: benchmarks/.work/normalization/results.json and a
-Markdown table for docs/tracking.md.
+only a winner should become the default; with one seed (one split), that seed's paired interval
+decides. Results: benchmarks/.work/normalization/results.json and table.md, and a flat entry of the
+machine's results file (per option its score, the difference to the default, its interval and the
+verdict), which docs/tracking.md shows (``python -m benchmarks report``).
 
 ``BENCH_SEEDS`` (default 42,43,44), ``BENCH_OPTIONS`` (default: all of ``OPTIONS``) and ``BENCH_EPOCHS``
-(default: train.epochs) shorten a run.
+(default: train.epochs) shorten a run. ``BENCH_FINISHED_ONLY=1`` trains nothing: the entry of the
+trainings finished so far (whole seeds; a run cut short).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -84,7 +88,9 @@ def compare(per_option: dict[str, dict[str, list]], metric: str = METRIC) -> dic
             row["seeds"][seed] = {metric: score, "difference": diff, "difference_ci": interval}
         row["across_seeds"] = across_values([s["difference"] for s in row["seeds"].values()])
         ci = row["across_seeds"]["ci"]
-        wins = "wins" if ci and ci[0] > 0 else "no gain shown"
+        if len(row["seeds"]) == 1:  # one scene split: its paired scene-bootstrap interval decides
+            ci = next(iter(row["seeds"].values()))["difference_ci"]
+        wins = "wins" if ci and ci[0] > 0 else ("loses" if ci and ci[1] < 0 else "no difference shown")
         row["verdict"] = "default" if option == "default" else wins
         rows[option] = row
     return rows
@@ -111,7 +117,12 @@ def _with_interval(value: float, interval: list[float] | None) -> str:
 
 
 def run() -> dict:
-    """Train and score every option under every seed; the comparison, written to results.json."""
+    """Train and score every option under every seed (or take the finished ones); the figures entry."""
+    if os.environ.get("BENCH_FINISHED_ONLY") == "1":
+        result = from_disk()
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        note = f"the trainings finished by {now}; this entry only summarises them"
+        return {**entry(result), "notes": [note]}
     from tilepipe.fsutil import write_json
 
     tiles, split_json = default_data()
@@ -129,12 +140,54 @@ def run() -> dict:
             per_option[option][str(seed)] = json.loads(done.stdout.strip().splitlines()[-1])["scenes"]
             print(f"  seed {seed} {option}: {done.seconds:.0f} s", flush=True)
     rows = compare(per_option)
-    table = markdown(rows)
     result = {"seeds": SEEDS, "epochs": EPOCHS or "train.epochs", "metric": METRIC, "options": rows}
     write_json(OUT / "results.json", result)
-    (OUT / "table.md").write_text(table + "\n")
-    print(table, flush=True)
-    return {"written": str(OUT / "results.json"), "verdicts": {o: r["verdict"] for o, r in rows.items()}}
+    (OUT / "table.md").write_text(markdown(rows) + "\n")
+    print(markdown(rows), flush=True)
+    return entry(result)
+
+
+def entry(result: dict) -> dict:
+    """The flat figures of a comparison (machine results file): per option score, difference, verdict."""
+    figures: dict = {"seeds": ",".join(map(str, result["seeds"])), "epochs": str(result["epochs"])}
+    for option, row in result["options"].items():
+        name = option.replace("+", "_")
+        runs = list(row["seeds"].values())
+        figures[f"{name}_{METRIC}"] = round(float(np.mean([r[METRIC] for r in runs])), 4)
+        if option == "default":
+            continue
+        ci = row["across_seeds"]["ci"] if len(runs) > 1 else runs[0]["difference_ci"]
+        figures[f"{name}_difference"] = round(float(row["across_seeds"]["mean"]), 4)
+        figures[f"{name}_difference_ci_low"] = ci[0] if ci else None
+        figures[f"{name}_difference_ci_high"] = ci[1] if ci else None
+        figures[f"{name}_verdict"] = row["verdict"]
+    return figures
+
+
+def from_disk() -> dict:
+    """The comparison over the trainings finished so far (a run cut short), written as ``run`` does.
+
+    From the ``scene_confusion.json`` of every option of every seed whose default has run; an option
+    counts only where it ran under every such seed.
+    """
+    from tilepipe.fsutil import write_json
+
+    per_option: dict[str, dict[str, list]] = {}
+    for seed in SEEDS:
+        done = {o: OUT / str(seed) / o / "metrics" / "scene_confusion.json" for o in OPTIONS}
+        done = {o: path for o, path in done.items() if path.is_file()}
+        if "default" not in done:
+            continue
+        for option, path in done.items():
+            per_option.setdefault(option, {})[str(seed)] = json.loads(path.read_text())["scenes"]
+    seeds = sorted(per_option["default"])
+    per_option = {o: runs for o, runs in per_option.items() if sorted(runs) == seeds}  # every seed run
+    rows = compare(per_option)
+    result = {"seeds": [int(s) for s in seeds], "epochs": EPOCHS or "train.epochs", "metric": METRIC,
+              "options": rows, "finished_only": True}  # fmt: skip
+    write_json(OUT / "results.json", result)
+    (OUT / "table.md").write_text(markdown(rows) + "\n")
+    return result
 
 
 if __name__ == "__main__":

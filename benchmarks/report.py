@@ -28,10 +28,12 @@ from tilepipe.fsutil import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
-DOCS = (HERE.parent / "docs" / "benchmarks.md", HERE.parent / "docs" / "scale-out.md")
+DOC_NAMES = ("benchmarks.md", "scale-out.md", "tracking.md", "pretrained.md")
+DOCS = tuple(HERE.parent / "docs" / doc for doc in DOC_NAMES)
 BLOCK = re.compile(r"<!-- figures ([^>]*?) -->\n(.*?)<!-- /figures -->", re.S)
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 NOT_FIGURES = {"targets", "load_before", "notes", "ran_at", "commit", "error"}
+SCORES = {"pretrain", "normalization", "seeds"}  # entries of held-out scores, not speeds
 BUSY_LOAD = 0.5  # load average per core above which other work shared the cores
 MACHINE_ROWS = (
     ("id", "id"), ("CPU model", "cpu_model"), ("CPU family / model", "cpu_family_model"),
@@ -99,6 +101,8 @@ def caption(results: dict[str, Any], name: str) -> str:
         if busy
         else f"load average {load} before it: quiet"
     ) if load is not None else "load not recorded"  # fmt: skip
+    if name in SCORES:
+        state = "model scores: the machine's load does not change them"
     return (
         f"*`python -m benchmarks {name}` on `{results['machine']['id']}`, {entry.get('ran_at', '?')}, "
         f"commit {entry.get('commit', '?')}; {state}.*"
