@@ -35,6 +35,12 @@ SIZE = (200, 160)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run where a user's project would be: the caches under .tilepipe/ go to the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def make_model(path: Path, seed: int = 0) -> Path:
     """A small CNN (seeded weights, not trained: what is mapped does not matter here) saved as model.pt."""
     torch.manual_seed(seed)

@@ -49,7 +49,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[
     out = root / "reference"
     cmd = [str(BIN / "tilepipe"), "map", str(catalog), "--model", str(model), "--out", str(out),
            "--params", PARAMS, "--set", "train.threads=1"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=root)  # its caches in root
     return catalog, model, tree(out)
 
 

@@ -32,7 +32,8 @@ def test_a_map_run_logged_to_mlflow_writes_nothing_under_home(tmp_path):
     model = make_model(tmp_path / "model.pt")
     cmd = [str(BIN / "tilepipe"), "map", str(catalog), "--model", str(model), "--out", str(tmp_path / "maps"),
            "--params", str(ROOT / "params.yaml"), "--set", "train.threads=1"]  # fmt: skip
-    done = subprocess.run(cmd, env=clean_env(home), capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(cmd, env=clean_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 mapped (s0)" in done.stdout
     item = (tmp_path / "maps" / "s0" / "s0.json").read_text()

@@ -51,6 +51,7 @@ MAP_VERSION = 1  # bump when the same inputs would give other maps
 # A test seam, never set in use: the kill tests name a scene whose mapping then stops for good once its
 # files are complete in the temp folder, before they are published, so the kill lands at a known point.
 HOLD_MAP = "TILEPIPE_TEST_HOLD_MAP"
+ONNX_CACHE = Path(".tilepipe/onnx")  # the model exported for ONNX Runtime, kept for the next run
 RETRY_DELAYS_S = (2.0, 4.0, 8.0)  # as the flow's tile tasks: 3 retries of a read that failed on the way
 
 
@@ -149,7 +150,8 @@ def loaded(model: ModelRef, engine: str = "torch") -> tuple[Any, ModelMeta]:
             _MODELS[(model.path, model.sha256, "torch")] = load_model(Path(model.path))
         if (model.path, model.sha256, engine) not in _MODELS:
             net, meta = _MODELS[(model.path, model.sha256, "torch")]
-            _MODELS[(model.path, model.sha256, engine)] = (engine_model(net, engine), meta)
+            cache = (ONNX_CACHE.absolute(), model.sha256)
+            _MODELS[(model.path, model.sha256, engine)] = (engine_model(net, engine, cache=cache), meta)
         return _MODELS[(model.path, model.sha256, engine)]
 
 

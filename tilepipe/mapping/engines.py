@@ -18,6 +18,8 @@ and :func:`engine_model` says so in one line: torch stays the reference and the 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -36,10 +38,12 @@ ENGINES = ("torch", "onnxruntime")
 class OnnxRuntimeModel(nn.Module):
     """A model's forward pass in ONNX Runtime sessions, one per input shape (batch axis dynamic)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cache: tuple[Path | str, str] | None = None) -> None:
         super().__init__()
         self.reference = [model.eval()]  # a list: not registered as a submodule, never exported twice
         self.folder = tempfile.TemporaryDirectory(prefix="tilepipe-onnx-")
+        # (folder, the model file's SHA-256): exports kept for the next process
+        self.cache = None if cache is None else (Path(cache[0]), cache[1])
         self.sessions: dict[tuple[int, ...], Any] = {}
         self.fallback = False  # set when a session could not be made: torch maps the rest
         self.exporting = threading.Lock()  # scenes mapped on threads at once share the sessions
@@ -61,13 +65,19 @@ class OnnxRuntimeModel(nn.Module):
         """Export the model for this window shape and open an ONNX Runtime session on it."""
         import onnxruntime as ort
 
-        path = Path(self.folder.name) / f"model-{'x'.join(map(str, shape))}.onnx"
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        with _quiet_export():
-            torch.onnx.export(
-                self.reference[0], (x[:1].contiguous(),), str(path), input_names=["x"],
-                output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-            )  # fmt: skip
+        name = f"model-{'x'.join(map(str, shape))}.onnx"
+        kept = None if self.cache is None else self.cache[0] / f"{self.cache[1]}-{_versions()}-{name}"
+        path = kept if kept is not None and kept.is_file() else Path(self.folder.name) / name
+        if not path.is_file():
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            with _quiet_export():
+                torch.onnx.export(
+                    self.reference[0], (x[:1].contiguous(),), str(path), input_names=["x"],
+                    output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+                    external_data=False,  # one file (weights inside), which the cache copies whole
+                )  # fmt: skip
+            if kept is not None:
+                _keep(path, kept)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         # no spinning between runs: the reads and the blend run on the same cores right after each batch
@@ -101,22 +111,44 @@ def _quiet_export() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _versions() -> str:
+    """The versions of torch and ONNX Runtime: another exporter or runtime exports again."""
+    import onnxruntime as ort
+
+    return f"torch{torch.__version__}-ort{ort.__version__}".replace("+", "_")
+
+
+def _keep(exported: Path, kept: Path) -> None:
+    """Copy an export into the cache whole (temp name, then rename: a reader never sees half)."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_name(f".{kept.name}.{os.getpid()}.partial")
+    shutil.copyfile(exported, partial)
+    os.replace(partial, kept)
+
+
 def _say_fallback(exc: BaseException) -> None:
     reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     print(f"map engine: onnxruntime unavailable ({reason}); mapping with torch", file=sys.stderr)
 
 
-def engine_model(model: nn.Module, engine: str, example: torch.Tensor | None = None) -> nn.Module:
+def engine_model(
+    model: nn.Module,
+    engine: str,
+    example: torch.Tensor | None = None,
+    cache: tuple[Path | str, str] | None = None,
+) -> nn.Module:
     """``model`` run by ``engine`` ("torch" or "onnxruntime"); torch, said in one line, when that fails.
 
     ``example``: a batch of the windows to come, to export and check the session at once (else
-    the first batch does).
+    the first batch does). ``cache``: (a folder, the model file's SHA-256): each export is kept
+    there, named by that SHA-256, the window shape and the torch and ONNX Runtime versions, and
+    the next process loads it instead of exporting again (several seconds each).
     """
     if engine not in ENGINES:
         raise ValueError(f"inference engine {engine!r}: choose from {', '.join(ENGINES)}")
     if engine == "torch":
         return model
-    wrapped = OnnxRuntimeModel(model)
+    wrapped = OnnxRuntimeModel(model, cache)
     if example is not None:
         with torch.no_grad():
             wrapped(example)
