@@ -92,10 +92,9 @@ def test_an_unknown_engine_is_refused():
 
 
 def test_an_export_is_kept_and_the_next_process_loads_it_without_exporting(tmp_path):
-    torch.manual_seed(0)
-    model = Normalized(SmallCNN(3, len(CLASSES), 4), [0.5] * 3, [0.3] * 3).eval()
-    model_file = tmp_path / "model.pt"
-    torch.save(model, model_file)
+    make = "torch.manual_seed(0)\nmodel = Normalized(SmallCNN(3, 5, 4), [0.5] * 3, [0.3] * 3).eval()\n"
+    torch.manual_seed(0)  # the same seeded model here and (``make``) in the next process
+    model = Normalized(SmallCNN(3, 5, 4), [0.5] * 3, [0.3] * 3).eval()
     cache = (tmp_path / "onnx", "f" * 64)  # (folder, the model file's SHA-256)
     example = torch.rand(5, 3, 16, 16)
     first = engine_model(model, "onnxruntime", example, cache=cache)
@@ -103,18 +102,18 @@ def test_an_export_is_kept_and_the_next_process_loads_it_without_exporting(tmp_p
     kept = list((tmp_path / "onnx").iterdir())
     assert len(kept) == 1 and kept[0].name.startswith("f" * 64)
     assert kept[0].name.endswith("-model-3x16x16.onnx")
+    torch.save(example, tmp_path / "x.pt")
     code = (
-        "import sys, torch\n"
+        "import torch\n"
         "def refuse(*a, **k): raise RuntimeError('exported again')\n"
         "torch.onnx.export = refuse  # the next process must not need the exporter\n"
         "from tilepipe.mapping.engines import OnnxRuntimeModel, engine_model\n"
-        f"model = torch.load({str(model_file)!r}, weights_only=False)\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "from tilepipe.ml.models import Normalized, SmallCNN\n"
+        f"{make}x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
         f"out = engine_model(model, 'onnxruntime', x, cache=({str(cache[0])!r}, {cache[1]!r}))\n"
         "assert isinstance(out, OnnxRuntimeModel), 'fell back to torch'\n"
         f"torch.save(out(x), {str(tmp_path / 'y.pt')!r})\n"
     )
-    torch.save(example, tmp_path / "x.pt")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
-    assert torch.equal(torch.load(tmp_path / "y.pt"), first(example))
+    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), first(example))

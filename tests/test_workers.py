@@ -101,13 +101,18 @@ def test_deployments_on_a_work_pool_run_on_demand_and_on_schedule_in_a_worker(tm
             assert tiled(scheduled.id) == []  # the on-demand run's tiles are current
             wait_for(lambda: len(logs_with(scheduled.id, ": val_macro_f1")) == 2, 60, "its epoch logs")
         finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait(timeout=10)
+            stop_worker(worker)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """Stop a worker and what it started: SIGTERM to its process group, SIGKILL after 30 s."""
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
 
 
 def scheduled_runs(client, deployment_id) -> list:
