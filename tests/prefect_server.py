@@ -67,13 +67,13 @@ def drain_clients() -> None:
         worker.drain_all(timeout=10)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's process group (it may run workers), then kill it if it lingers."""
+def stop(proc: subprocess.Popen, wait_s: float = 20) -> None:
+    """Terminate a process group (a server, a worker and what it runs), then kill it if it lingers."""
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=wait_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=20)

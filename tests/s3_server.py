@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.prefect_server import free_port
+from tilepipe.processes import environment
 
 BIN = Path(sys.executable).parent
 SETUP_REQUESTS = 3  # unauthenticated: create the user, its key and its policy
@@ -98,14 +99,8 @@ def s3(tmp_path_factory) -> Iterator[S3Server]:
     """One moto S3 server for the session, with the AWS variables set in this process's environment."""
     server = S3Server(free_port(), tmp_path_factory.mktemp("s3") / "moto.log")
     server.start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield server
+        with environment(server.env()):
+            yield server
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()

@@ -11,7 +11,6 @@ stack may have changed its permissions (``folder_modes``, taken before ``up``).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tilepipe.processes import environment
 from tilepipe.services import postgres
 from tilepipe.services import stack as services_stack
 from tilepipe.services.procs import alive
@@ -63,17 +63,8 @@ def command_env(stack: services_stack.Stack, **extra: str) -> dict[str, str]:
 @contextmanager
 def stack_env(stack: services_stack.Stack) -> Iterator[dict[str, str]]:
     """This process's environment pointed at the stack, credentials included, restored after."""
-    env = stack.env
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environment(stack.env):
+        yield stack.env
 
 
 @pytest.fixture(scope="session", name="services")

@@ -21,6 +21,7 @@ import pytest
 from distributed import Client, get_task_stream
 from prefect import flow
 
+from tests import prefect_server
 from tests.conftest import tiny_overrides, write_catalog, write_scene
 from tests.prefect_server import free_port
 from tests.test_flows import PARAMS, run_flow, state_names, task_runs
@@ -81,13 +82,8 @@ def spawn(args: list[str], log: Path, cwd: Path, **env: str) -> subprocess.Popen
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    """A Dask process group, killed if it has not stopped 5 s after SIGTERM."""
+    prefect_server.stop(proc, wait_s=5)
 
 
 class Cluster:

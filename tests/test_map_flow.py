@@ -18,10 +18,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from tests.conftest import write_raster, write_scene
+from tests.prefect_server import stop
 from tests.test_dask import Cluster, wait_until
 from tests.test_flows import flow_run_id, task_runs, wait_for
 from tests.test_map import PARAMS, SIZE, make_archive, make_model, tree
-from tests.test_workers import POOL, finished, start_worker, stop_worker
+from tests.test_workers import POOL, finished, start_worker
 from tilepipe.flows.maps import ARTIFACT_KEY, map_archive_flow
 from tilepipe.mapping.archive import HOLD_MAP
 
@@ -141,7 +142,7 @@ def test_map_nightly_is_deployed_with_its_cron_and_a_worker_maps_new_scenes_with
             write_scene(catalog, "s2", size=SIZE, seed=2)["labels"].unlink()  # s2 arrives in the folder
             assert mapped_by_a_run(client, nightly.id, worker, log) == ["s2"]  # and nothing else
         finally:
-            stop_worker(worker)
+            stop(worker, wait_s=30)
     item = json.loads((out / "s2" / "s2.json").read_text())
     assert item["properties"]["tilepipe:model_name"] == "tilepipe-landcover"
     assert item["properties"]["tilepipe:model_version"] == "1"

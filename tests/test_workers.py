@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
 
+from tests.prefect_server import stop
 from tests.test_flows import PARAMS, logs_with, make_workspace, tiled, wait_for
 from tilepipe.flows.deploy import DEFAULT_CRON
 
@@ -101,18 +101,7 @@ def test_deployments_on_a_work_pool_run_on_demand_and_on_schedule_in_a_worker(tm
             assert tiled(scheduled.id) == []  # the on-demand run's tiles are current
             wait_for(lambda: len(logs_with(scheduled.id, ": val_macro_f1")) == 2, 60, "its epoch logs")
         finally:
-            stop_worker(worker)
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    """Stop a worker and what it started: SIGTERM to its process group, SIGKILL after 30 s."""
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=10)
+            stop(worker, wait_s=30)  # a worker can ignore SIGTERM for longer: killed then
 
 
 def scheduled_runs(client, deployment_id) -> list:
