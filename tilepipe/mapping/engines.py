@@ -18,8 +18,6 @@ and :func:`engine_model` says so in one line: torch stays the reference and the 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -31,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tilepipe.fsutil import atomic_path
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -66,23 +66,29 @@ class OnnxRuntimeModel(nn.Module):
         import onnxruntime as ort
 
         name = f"model-{'x'.join(map(str, shape))}.onnx"
-        kept = None if self.cache is None else self.cache[0] / f"{self.cache[1]}-{_versions()}-{name}"
-        path = kept if kept is not None and kept.is_file() else Path(self.folder.name) / name
-        if not path.is_file():
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            with _quiet_export():
-                torch.onnx.export(
-                    self.reference[0], (x[:1].contiguous(),), str(path), input_names=["x"],
-                    output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-                    external_data=False,  # one file (weights inside), which the cache copies whole
-                )  # fmt: skip
-            if kept is not None:
-                _keep(path, kept)
+        if self.cache is None:
+            path = Path(self.folder.name) / name
+            self._write_onnx(x, path)
+        else:
+            path = self.cache[0] / f"{self.cache[1]}-{_versions()}-{name}"
+            if not path.is_file():
+                with atomic_path(path) as partial:  # whole or not at all, for the next process
+                    self._write_onnx(x, partial)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         # no spinning between runs: the reads and the blend run on the same cores right after each batch
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _write_onnx(self, x: torch.Tensor, path: Path) -> None:
+        """The model exported to one ONNX file (weights inside), the batch axis dynamic."""
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with _quiet_export():
+            torch.onnx.export(
+                self.reference[0], (x[:1].contiguous(),), str(path), input_names=["x"],
+                output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+                external_data=False,
+            )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the batch, as torch would give them (by torch itself once ONNX Runtime failed)."""
@@ -116,14 +122,6 @@ def _versions() -> str:
     import onnxruntime as ort
 
     return f"torch{torch.__version__}-ort{ort.__version__}".replace("+", "_")
-
-
-def _keep(exported: Path, kept: Path) -> None:
-    """Copy an export into the cache whole (temp name, then rename: a reader never sees half)."""
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    partial = kept.with_name(f".{kept.name}.{os.getpid()}.partial")
-    shutil.copyfile(exported, partial)
-    os.replace(partial, kept)
 
 
 def _say_fallback(exc: BaseException) -> None:
