@@ -90,6 +90,7 @@ def compare(per_option: dict[str, dict[str, list]], metric: str = METRIC) -> dic
         ci = row["across_seeds"]["ci"]
         if len(row["seeds"]) == 1:  # one scene split: its paired scene-bootstrap interval decides
             ci = next(iter(row["seeds"].values()))["difference_ci"]
+        row["deciding_ci"] = ci
         wins = "wins" if ci and ci[0] > 0 else ("loses" if ci and ci[1] < 0 else "no difference shown")
         row["verdict"] = "default" if option == "default" else wins
         rows[option] = row
@@ -123,8 +124,6 @@ def run() -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
         note = f"the trainings finished by {now}; this entry only summarises them"
         return {**entry(result), "notes": [note]}
-    from tilepipe.fsutil import write_json
-
     tiles, split_json = default_data()
     scenes = split_json.parent / "scenes.json"
     options = ["default", *[c for c in CHOSEN if c != "default"]]
@@ -139,12 +138,19 @@ def run() -> dict:
             done = run_measured(child)
             per_option[option][str(seed)] = json.loads(done.stdout.strip().splitlines()[-1])["scenes"]
             print(f"  seed {seed} {option}: {done.seconds:.0f} s", flush=True)
-    rows = compare(per_option)
-    result = {"seeds": SEEDS, "epochs": EPOCHS or "train.epochs", "metric": METRIC, "options": rows}
+    result = _save(compare(per_option), SEEDS)
+    print(markdown(result["options"]), flush=True)
+    return entry(result)
+
+
+def _save(rows: dict[str, Any], seeds: list[int], **more: Any) -> dict:
+    """The comparison as results.json and table.md under OUT; returned."""
+    from tilepipe.fsutil import write_json
+
+    result = {"seeds": seeds, "epochs": EPOCHS or "train.epochs", "metric": METRIC, "options": rows, **more}
     write_json(OUT / "results.json", result)
     (OUT / "table.md").write_text(markdown(rows) + "\n")
-    print(markdown(rows), flush=True)
-    return entry(result)
+    return result
 
 
 def entry(result: dict) -> dict:
@@ -156,7 +162,7 @@ def entry(result: dict) -> dict:
         figures[f"{name}_{METRIC}"] = round(float(np.mean([r[METRIC] for r in runs])), 4)
         if option == "default":
             continue
-        ci = row["across_seeds"]["ci"] if len(runs) > 1 else runs[0]["difference_ci"]
+        ci = row["deciding_ci"]
         figures[f"{name}_difference"] = round(float(row["across_seeds"]["mean"]), 4)
         figures[f"{name}_difference_ci_low"] = ci[0] if ci else None
         figures[f"{name}_difference_ci_high"] = ci[1] if ci else None
@@ -170,8 +176,6 @@ def from_disk() -> dict:
     From the ``scene_confusion.json`` of every option of every seed whose default has run; an option
     counts only where it ran under every such seed.
     """
-    from tilepipe.fsutil import write_json
-
     per_option: dict[str, dict[str, list]] = {}
     for seed in SEEDS:
         done = {o: OUT / str(seed) / o / "metrics" / "scene_confusion.json" for o in OPTIONS}
@@ -182,12 +186,7 @@ def from_disk() -> dict:
             per_option.setdefault(option, {})[str(seed)] = json.loads(path.read_text())["scenes"]
     seeds = sorted(per_option["default"])
     per_option = {o: runs for o, runs in per_option.items() if sorted(runs) == seeds}  # every seed run
-    rows = compare(per_option)
-    result = {"seeds": [int(s) for s in seeds], "epochs": EPOCHS or "train.epochs", "metric": METRIC,
-              "options": rows, "finished_only": True}  # fmt: skip
-    write_json(OUT / "results.json", result)
-    (OUT / "table.md").write_text(markdown(rows) + "\n")
-    return result
+    return _save(compare(per_option), [int(s) for s in seeds], finished_only=True)
 
 
 if __name__ == "__main__":
