@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import ROOT, tiny_params
 from tests.test_predict import CLASSES, blended, calibrated_unet, cls_meta, random_scene, seg_meta
-from tilepipe.mapping.blend import classify_strips
+from tilepipe.mapping.blend import class_softmax, classify_strips
 from tilepipe.mapping.engines import OnnxRuntimeModel, engine_model
 from tilepipe.mapping.predict import predict_scene
 from tilepipe.mapping.scene import open_scene
@@ -47,6 +47,18 @@ def test_onnxruntime_blends_the_unets_windows_as_torch_does(tmp_path):
     # a window larger than the scene is the scene's own size: a second shape, a second session
     same_maps(blended(model, seg_meta(), path, 256, 48), blended(onnx, seg_meta(), path, 256, 48))
     assert sorted(onnx.sessions) == [(3, 128, 128), (3, 160, 200)]
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (3, 4, 9, 7)])
+def test_the_softmax_outside_torch_is_torchs_to_float_rounding(shape):
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 30
+    logits[0, 1] = 1e4  # exp() of it overflows unless the maximum is taken off first
+    reference = torch.softmax(logits, dim=1).numpy()
+    assert np.array_equal(class_softmax(logits.clone(), "torch"), reference)
+    other = class_softmax(logits.clone(), "onnxruntime")
+    assert other.dtype == np.float32 and np.all(np.isfinite(other))
+    assert np.abs(other - reference).max() <= 1e-6
+    assert np.array_equal(other.argmax(axis=1), reference.argmax(axis=1))
 
 
 @pytest.mark.parametrize("net", [SmallCNN, ResNet18])

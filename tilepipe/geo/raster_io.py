@@ -36,6 +36,7 @@ from tilepipe.redaction import redact, redact_text
 
 T = TypeVar("T")
 
+MIB = 1024 * 1024
 METRES_PER_DEGREE = 111_320.0
 _ALL_VALID = [MaskFlags.all_valid]
 _SIMPLE_MASKS = ([MaskFlags.nodata], _ALL_VALID)
@@ -43,11 +44,14 @@ _SIMPLE_MASKS = ([MaskFlags.nodata], _ALL_VALID)
 
 @contextmanager
 def gdal_env(cache_mb: int = 64) -> Iterator[None]:
-    """GDAL settings for one process: a capped block cache (the default takes 5% of RAM).
+    """GDAL settings for one process: a block cache of ``cache_mb`` MiB (the default takes 5% of RAM).
 
     With them, the settings for reading scenes from object storage or HTTP (remote.gdal_cloud_options).
+    rasterio hands an integer GDAL_CACHEMAX to ``GDALSetCacheMax64``, which counts bytes (not MB as
+    the environment variable does): a bare 64 would leave a cache of 64 bytes, i.e. none, and every
+    read across block boundaries would decode its blocks again.
     """
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb, **gdal_cloud_options()):
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb * MIB, **gdal_cloud_options()):
         yield
 
 
