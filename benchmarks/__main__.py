@@ -17,6 +17,7 @@ import time
 import traceback
 
 from benchmarks import (
+    dask_maps,
     dask_tiling,
     datapath,
     ddp,
@@ -52,6 +53,7 @@ BENCHMARKS = {
     "engines": engines.run,
     "mapping": mapping.run,
     "maps": maps.run,
+    "dask_maps": dask_maps.run,
 }
 # run only when named (`python -m benchmarks seeds`): 3 full trainings, about 12 minutes here;
 # `pretrain`: a pretraining and two small studies (docs/pretrained.md); `normalization`: 18 full

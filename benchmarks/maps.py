@@ -9,8 +9,9 @@ does not depend on the weights):
   DEFLATE GeoTIFFs): end-to-end megapixels/s of the first run (start-up, hashing, export of the
   model, reads, blend, COG and STAC writing), against the model-only rate measured in the same run:
   the same engine on windows already in memory (a sample of 2048 real windows of these scenes, at
-  ``predict.batch_size``), times the number of windows the run mapped. Then a rerun with nothing
-  changed (seconds).
+  ``predict.batch_size``, the best of 3 passes), times the number of windows the run mapped. Then a
+  rerun with nothing changed (seconds), and the same map again into an empty DIR with the model's
+  export kept from the first run (``export_kept_*``: what every run after a model's first pays).
 * Peak RSS of one ``tilepipe map`` process for one 4096 px and one 32768 px scene (nodata but for
   a 128 px band along the diagonal, as ``memory`` does, so that the 32768 px run takes about a
   minute; every strip is still read and written at full width).
@@ -68,17 +69,20 @@ with gdal_env(p.tile.gdal_cache_mb):
         with open_scene(path, meta, None, p.predict.gsd_tolerance) as scene:
             windows += window_total(p, meta, scene.grid)
             if len(held) < 2048:
-                for top in range(0, scene.grid.height - size, 4 * size):
-                    for left in range(0, scene.grid.width - size, 4 * size):
+                for top in range(0, scene.grid.height - size, 2 * size):
+                    for left in range(0, scene.grid.width - size, 2 * size):
                         held.append(scene.read(Window(left, top, size, size))[0])
 held = torch.from_numpy(np.stack(held[:2048]).astype(np.float32))
+passes = []
 with torch.no_grad():
     net(held[:batch])  # the export of the engine, as the map run pays it once
-    started = time.perf_counter()
-    for i in range(0, len(held), batch):
-        net(held[i:i + batch])
-    seconds = time.perf_counter() - started
-print(json.dumps({{"windows": windows, "windows_per_s": len(held) / seconds, "engine": type(net).__name__}}))
+    for _ in range(3):  # the best of 3 passes: the model's own rate, not a descheduled pass's
+        started = time.perf_counter()
+        for i in range(0, len(held), batch):
+            net(held[i:i + batch])
+        passes.append(time.perf_counter() - started)
+print(json.dumps({{"windows": windows, "windows_per_s": len(held) / min(passes), "held": len(held),
+                  "engine": type(net).__name__}}))
 """
 
 
@@ -110,8 +114,11 @@ def _archive(model: Path) -> dict:
     _catalog(folder, scenes)
     out = folder / "out"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(folder / ".tilepipe", ignore_errors=True)  # the first run exports the model
     first, again = _map(folder, model, out), _map(folder, model, out)
     assert "nothing changed, nothing mapped" in again.stdout, again.stdout
+    shutil.rmtree(out)
+    warm = _map(folder, model, out)  # every later run: the export kept in .tilepipe/onnx/
     paths = [str(s) for s in scenes]
     code = MODEL_ONLY.format(params=str(ROOT / "params.yaml"), model=str(model), scenes=paths)
     only = json.loads(run_measured(code).stdout.splitlines()[-1])
@@ -127,6 +134,10 @@ def _archive(model: Path) -> dict:
         "end_to_end_mpx_s": round(megapixels / first.seconds, 3),
         "model_only_mpx_s": round(megapixels / model_s, 3),
         "end_to_end_vs_model_only": round(model_s / first.seconds, 3),
+        "export_kept_run_s": round(warm.seconds, 1),
+        "export_kept_end_to_end_mpx_s": round(megapixels / warm.seconds, 3),
+        "export_kept_vs_model_only": round(model_s / warm.seconds, 3),
+        "model_only_windows_held": only["held"],
         "archive_peak_rss_mb": round(first.rss_mb, 1),
         "rerun_nothing_changed_s": round(again.seconds, 1),
     }
@@ -165,11 +176,17 @@ def _per_scene(model: Path) -> dict:
     return figures
 
 
-def run() -> dict:
-    """`tilepipe map`: end to end vs model only, a rerun, peak RSS 4k vs 32k px, the cost per scene."""
+def model_file() -> Path:
+    """The benchmark's model (small_cnn at the params' width, seeded, untrained), written anew."""
     model = WORK / "maps" / "model.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     run_measured(MAKE_MODEL.format(params=str(ROOT / "params.yaml"), path=str(model)))
+    return model
+
+
+def run() -> dict:
+    """`tilepipe map`: end to end vs model only, a rerun, peak RSS 4k vs 32k px, the cost per scene."""
+    model = model_file()
     return {
         **_archive(model),
         **_memory(model),
