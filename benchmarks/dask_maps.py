@@ -132,7 +132,8 @@ def run() -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        catalogs = {"all": _catalog(work / "all.csv", scenes), "warm": _catalog(work / "warm.csv", scenes[:2])}
+        catalogs = {"all": _catalog(work / "all.csv", scenes)}
+        catalogs["warm"] = _catalog(work / "warm.csv", scenes[:2])
         halves = [_catalog(work / f"half{n}.csv", scenes[n::2]) for n in range(2)]
         measured = _rounds(work, catalogs, model, repeats)
         pair = _two_processes(work, halves, model, repeats)

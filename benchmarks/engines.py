@@ -9,7 +9,8 @@ For each of ``small_cnn``, ``resnet18`` (tile classifiers: windows of ``tile.siz
 * ``eager``: torch as ``tilepipe predict`` runs it today (NCHW, ``no_grad``) - the reference;
 * ``eager_cl``: the same with model and input in channels_last (as training runs on the CPU);
 * ``compile``: ``torch.compile`` (inductor, CPU; its compile time apart);
-* ``onnxruntime``: the model exported to ONNX, run by an ONNX Runtime CPU session (all cores).
+* ``onnxruntime``: the library's engine (``mapping.engines``: the model exported to ONNX, an ONNX
+  Runtime CPU session without spinning, the softmax in numpy), as ``tilepipe map`` runs it.
 
 Each engine runs on one thread and on all cores (torch threads; ONNX Runtime's intra-op threads),
 ``BENCH_ENGINE_ROUNDS`` times each (default 3), the engines interleaved, and the best run counts:
@@ -55,44 +56,45 @@ def _model(name: str, width: int, classes: int, seed: int = 0):
     return Normalized(net, [0.4, 0.45, 0.5], [0.2, 0.21, 0.22]).eval()
 
 
-def _onnx(model, example, folder: Path):
-    """A forward callable of the model exported to ONNX (torch.export-based exporter, batch axis dynamic).
+def _onnx(model, example: np.ndarray, folder: Path):
+    """A forward callable of the library's ONNX Runtime engine (``mapping.engines``), as maps run it.
 
-    ONNX Runtime sessions are made per thread count (``torch.get_num_threads()`` when called), so
-    both engines run on as many threads.
+    One ``OnnxRuntimeModel`` per thread count (its session takes ``torch.get_num_threads()`` when
+    made), the export kept in ``folder`` so the second loads the first's; made and checked now on
+    ``example``, so the export is the build time.
     """
-    import onnxruntime as ort
     import torch
 
-    path = folder / "model.onnx"
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(
-        model, (torch.from_numpy(example),), str(path), input_names=["x"], output_names=["logits"],
-        dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-    )  # fmt: skip
-    sessions: dict[int, Any] = {}
+    from tilepipe.mapping.engines import OnnxRuntimeModel
+
+    engines: dict[int, OnnxRuntimeModel] = {}
 
     def forward(x):
         threads = torch.get_num_threads()
-        if threads not in sessions:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            sessions[threads] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return torch.from_numpy(sessions[threads].run(None, {"x": x.numpy()})[0])
+        if threads not in engines:
+            engines[threads] = OnnxRuntimeModel(model, (folder, "bench"))
+        logits = engines[threads](x)
+        if engines[threads].fallback:
+            raise RuntimeError("ONNX Runtime could not run the model (see the line above)")
+        return logits
 
+    with torch.no_grad():
+        forward(torch.from_numpy(example))
     return forward
 
 
-def _softmax_of(forward, batches: list[np.ndarray], step: int) -> np.ndarray:
+def _softmax_of(forward, batches: list[np.ndarray], step: int, engine: str) -> np.ndarray:
     """``mapping.blend._softmax`` with any forward callable (logits of a torch tensor)."""
     import torch
+
+    from tilepipe.mapping.blend import class_softmax
 
     parts = []
     with torch.no_grad():
         for batch in batches:
             for start in range(0, len(batch), step):
                 logits = forward(torch.from_numpy(batch[start : start + step])).float()
-                parts.append(torch.softmax(logits, dim=1, out=logits).numpy())
+                parts.append(class_softmax(logits, "onnxruntime" if engine == "onnxruntime" else "torch"))
     return np.concatenate(parts)
 
 
@@ -160,11 +162,11 @@ def measure(name: str, rounds: int) -> dict[str, Any]:
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             times: dict[str, list[float]] = {k: [] for k in usable}
-            outputs = {k: _softmax_of(f, batches[:2], step) for k, f in usable.items()}  # warm-up
+            outputs = {k: _softmax_of(f, batches[:2], step, k) for k, f in usable.items()}  # warm-up
             for _ in range(rounds):
                 for engine, forward in usable.items():
                     started = time.perf_counter()
-                    outputs[engine] = _softmax_of(forward, batches, step)
+                    outputs[engine] = _softmax_of(forward, batches, step, engine)
                     times[engine].append(time.perf_counter() - started)
             _figures(out, f"t{threads}", len(windows) * size * size, times, outputs)
     return out

@@ -4,7 +4,7 @@ A worker started by a nanny (``dask worker``'s default, and every LocalCluster w
 ``distributed.nanny.pre-spawn-environ``, which sets ``MALLOC_TRIM_THRESHOLD_=65536``: glibc then
 stops raising its mmap threshold as a program frees large blocks, so every buffer of more than
 128 KiB is mapped fresh and faulted in again, zeroed, each time. A tile task's read and cut
-buffers are such blocks: on one 16384 px scene, 19x the page faults and 56% more CPU than the
+buffers are such blocks: on one 16384 px scene, 16-19x the page faults and 56-62% more CPU than the
 same tiling in a plain process (`make bench`'s `dask` entry, docs/scale-out.md).
 :class:`KeepFreedMemory` has each worker keep freed memory for reuse as a plain process does
 (``ml.loops.keep_freed_memory``, what training already does), for tile and map tasks alike.
