@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, WORK, make_scene
-from benchmarks.dask_tiling import _cluster, _stop
+from benchmarks.dask_tiling import _cluster, _stop, run_rounds
 from benchmarks.maps import MAP, SIZES, model_file
 
 ROUNDS = """
@@ -80,16 +80,7 @@ def _rounds(work: Path, catalogs: dict[str, Path], model: Path, rounds: int) -> 
             work=str(work), address=address, params=str(ROOT / "params.yaml"), model=str(model),
             warm=str(catalogs["warm"]), catalog=str(catalogs["all"]), rounds=rounds,
         )  # fmt: skip
-        (work / "rounds.py").write_text(code)
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   MLFLOW_TRACKING_URI="", TQDM_DISABLE="1")  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, str(work / "rounds.py")], cwd=ROOT, env=env, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the flow rounds failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_rounds(work, code, MLFLOW_TRACKING_URI="", TQDM_DISABLE="1")
     finally:
         _stop(procs)
 

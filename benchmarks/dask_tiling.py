@@ -166,18 +166,23 @@ def _rounds(scenes: Path, rounds: int) -> dict:
     other, more = _cluster(work, "b")
     try:
         code = ROUNDS.format(scenes=str(scenes), work=str(work), address=address, other=other, rounds=rounds)
-        (work / "rounds.py").write_text(code)  # a file, so the flow's module is importable by name
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        done = subprocess.run(
-            [sys.executable, str(work / "rounds.py")], cwd=ROOT, env=env, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the flow rounds failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_rounds(work, code)
     finally:
         _stop(procs + more)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_rounds(work: Path, code: str, **env: str) -> dict:
+    """Run a rounds script in a fresh process with its own temporary Prefect server; its JSON line."""
+    (work / "rounds.py").write_text(code)  # a file, so the flow's module is importable by name
+    environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    environ.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", **env)
+    done = subprocess.run(
+        [sys.executable, str(work / "rounds.py")], cwd=ROOT, env=environ, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the flow rounds failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _bound(folder: Path) -> dict[str, float]:

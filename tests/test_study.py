@@ -182,3 +182,26 @@ def test_a_second_study_into_the_same_folder_is_refused(workspace, tmp_path, mon
         assert study_cli(workspace, out=str(tmp_path / "out")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another study is writing here" in err[0]
+
+
+def test_a_lost_exit_status_counts_only_beside_this_runs_result(tmp_path: Path, monkeypatch) -> None:
+    """Python < 3.14's forkserver can report 255 for a finished child (CPython issue 140867)."""
+    from tilepipe.errors import TilepipeError
+    from tilepipe.fsutil import write_json
+    from tilepipe.params import load_params
+    from tilepipe.study.runner import launch, status_lost
+
+    result = tmp_path / "result.json"
+    assert not status_lost(255, result)  # no result: the child did not finish
+    write_json(result, {"name": "t"})
+    assert status_lost(255, result)
+    assert not status_lost(1, result) and not status_lost(-15, result) and not status_lost(None, result)
+    # a real child that fails (its training lacks its tags) beside an earlier run's result.json
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    write_json(folder / "result.json", {"name": "t", "heldout": 0.9})
+    training = {"name": "t", "dir": str(folder), "seed": 0}
+    with pytest.raises(TilepipeError, match=r"study training t failed \(exit 1\)"):
+        launch(load_params(ROOT / "params.yaml"), training, tmp_path, tmp_path / "split.json", "parent")
+    assert not (folder / "result.json").exists()

@@ -79,6 +79,7 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return context
 
 
+LOST_STATUS = 255  # multiprocessing.popen_forkserver's exit code when the status cannot be read
 MLFLOW_CONNECTION = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
@@ -129,16 +130,29 @@ def launch(
             "cwd": str(Path.cwd()),
         },
     )
-    log = folder / "train.log"
+    log, result = folder / "train.log", folder / "result.json"
+    result.unlink(missing_ok=True)  # written last by the child: present after it means this run finished
     args = (str(spec), str(log), store_env())
     proc = _forkserver().Process(target=child, args=args, name=f"study-{training['name']}")
     proc.start()
     proc.join()
-    if proc.exitcode != 0:
+    if proc.exitcode != 0 and not status_lost(proc.exitcode, result):
         lines = [line for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
         last = lines[-1] if lines else "no output"
         raise TilepipeError(f"{log}: study training {training['name']} failed (exit {proc.exitcode}): {last}")
-    return json.loads((folder / "result.json").read_text())
+    return json.loads(result.read_text())
+
+
+def status_lost(exitcode: int | None, result: Path) -> bool:
+    """True when the forkserver lost a finished child's exit status: 255 and the result written.
+
+    Python < 3.14's forkserver sometimes reports 255 ("could not read the status") for children
+    joined from several threads at once (CPython issue 140867): seen once here, a cross-validation
+    fold whose log and complete result.json showed it had finished while its siblings reported 0.
+    The child writes result.json atomically as its very last step, so with it present the run is
+    whole; the child itself never exits with 255 (0, 1 for a user mistake, or a signal).
+    """
+    return exitcode == LOST_STATUS and result.is_file()
 
 
 def run_all(
