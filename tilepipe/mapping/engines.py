@@ -41,9 +41,11 @@ class OnnxRuntimeModel(nn.Module):
     def __init__(self, model: nn.Module, cache: tuple[Path | str, str] | None = None) -> None:
         super().__init__()
         self.reference = [model.eval()]  # a list: not registered as a submodule, never exported twice
-        self.folder = tempfile.TemporaryDirectory(prefix="tilepipe-onnx-")
-        # (folder, the model file's SHA-256): exports kept for the next process
-        self.cache = None if cache is None else (Path(cache[0]), cache[1])
+        # (folder, the model file's SHA-256): exports kept for the next process; without it, a
+        # temporary folder of this object's own (removed with it) under a name of its own
+        self.temporary = tempfile.TemporaryDirectory(prefix="tilepipe-onnx-") if cache is None else None
+        folder, key = (self.temporary.name, "model") if cache is None else cache
+        self.cache = (Path(folder), key)
         self.sessions: dict[tuple[int, ...], Any] = {}
         self.fallback = False  # set when a session could not be made: torch maps the rest
         self.exporting = threading.Lock()  # scenes mapped on threads at once share the sessions
@@ -65,15 +67,11 @@ class OnnxRuntimeModel(nn.Module):
         """Export the model for this window shape and open an ONNX Runtime session on it."""
         import onnxruntime as ort
 
-        name = f"model-{'x'.join(map(str, shape))}.onnx"
-        if self.cache is None:
-            path = Path(self.folder.name) / name
-            self._write_onnx(x, path)
-        else:
-            path = self.cache[0] / f"{self.cache[1]}-{_versions()}-{name}"
-            if not path.is_file():
-                with atomic_path(path) as partial:  # whole or not at all, for the next process
-                    self._write_onnx(x, partial)
+        folder, key = self.cache
+        path = folder / f"{key}-{_versions()}-model-{'x'.join(map(str, shape))}.onnx"
+        if not path.is_file():
+            with atomic_path(path) as partial:  # whole or not at all, for the next process
+                self._write_onnx(x, partial)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         # no spinning between runs: the reads and the blend run on the same cores right after each batch
